@@ -1,0 +1,28 @@
+"""ConsistencySolver in pure torch: the sampler, coefficient sources and the coefficient file format."""
+
+from .coefficients import PRESET_NAMES, CoefficientSource, Preset, TableCoefficients, adams_bashforth_weights
+from .files import CoefficientFileError, load_coefficients, model_kind, save_coefficients
+from .policy import ConsistencyPolicy, PolicyCoefficients, actions_to_weights, active_action_mask
+from .sampling import coefficient_table, sample_consistency_solver, to_d
+from .time_features import TIME_FEATURE_KINDS, time_features
+
+__all__ = [
+    "PRESET_NAMES",
+    "TIME_FEATURE_KINDS",
+    "CoefficientFileError",
+    "CoefficientSource",
+    "ConsistencyPolicy",
+    "PolicyCoefficients",
+    "Preset",
+    "TableCoefficients",
+    "actions_to_weights",
+    "active_action_mask",
+    "adams_bashforth_weights",
+    "coefficient_table",
+    "load_coefficients",
+    "model_kind",
+    "sample_consistency_solver",
+    "save_coefficients",
+    "time_features",
+    "to_d",
+]

@@ -1,0 +1,222 @@
+"""Coefficient files: one writer, one loader, strict validation.
+
+A file is a ``.safetensors`` container (never a pickle) holding tensors plus string metadata:
+
+==================  ==========================================================================
+metadata key        meaning
+==================  ==========================================================================
+format              always ``consistency-solver-coefficients``
+format_version      ``1``
+kind                ``policy`` (the paper's MLP) or ``table`` (explicit weights per step count)
+order               how many derivatives a step combines (history length)
+model_family        what it was trained for: ``any``, or ``<name>-eps`` / ``<name>-flow`` (e.g.
+                    ``sd15-eps``, ``flux-flow``); ``eps`` covers EPS and V-prediction models
+trained_steps       comma-separated step counts it was trained on (a table: the counts it holds)
+time_features       policy only: the feature kind (see ``solver.time_features``)
+bins, hidden        policy only: grid size and MLP width
+description         free text
+training            JSON summary of how it was made (command, reward, model evaluations, ...)
+==================  ==========================================================================
+
+Policy tensors: ``mlp.0.weight/bias``, ``mlp.2.weight/bias``, ``mlp.4.weight/bias``,
+``action_values``. Table tensors: ``weights.N<steps>`` of shape [steps, order].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .coefficients import TableCoefficients
+from .policy import ConsistencyPolicy, PolicyCoefficients
+from .time_features import TIME_FEATURE_KINDS
+
+FORMAT = "consistency-solver-coefficients"
+FORMAT_VERSION = "1"
+MODEL_KINDS = ("eps", "flow", "any")
+_COMMON_KEYS = {
+    "format",
+    "format_version",
+    "kind",
+    "order",
+    "model_family",
+    "trained_steps",
+    "description",
+    "training",
+}
+_POLICY_KEYS = _COMMON_KEYS | {"time_features", "bins", "hidden"}
+_POLICY_TENSORS = (
+    "mlp.0.weight",
+    "mlp.0.bias",
+    "mlp.2.weight",
+    "mlp.2.bias",
+    "mlp.4.weight",
+    "mlp.4.bias",
+    "action_values",
+)
+
+Coefficients = PolicyCoefficients | TableCoefficients
+
+
+class CoefficientFileError(ValueError):
+    """A coefficient file that cannot be used; the message names the file, the problem and the fix."""
+
+    def __init__(self, path: str | os.PathLike, problem: str, fix: str):
+        super().__init__(f"coefficient file {os.fspath(path)!r}: {problem}. Fix: {fix}")
+
+
+def model_kind(model_family: str) -> str:
+    """``sd15-eps`` -> ``eps``, ``flow`` -> ``flow``, ``any`` -> ``any``."""
+    return model_family.rsplit("-", 1)[-1]
+
+
+def save_coefficients(
+    path: str | os.PathLike,
+    coefficients: Coefficients,
+    *,
+    model_family: str,
+    description: str = "",
+    training: dict | None = None,
+) -> None:
+    """Write a policy or a table with full metadata (the file format above)."""
+    if model_kind(model_family) not in MODEL_KINDS:
+        raise ValueError(f"model_family {model_family!r} must be 'any' or end in -eps or -flow")
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "order": str(coefficients.order),
+        "model_family": model_family,
+        "description": description,
+        "training": json.dumps(training or {}, sort_keys=True),
+    }
+    if isinstance(coefficients, PolicyCoefficients):
+        policy = coefficients.policy
+        tensors = {
+            name: tensor.detach().to("cpu", torch.float32).contiguous() for name, tensor in policy.state_dict().items()
+        }
+        metadata |= {
+            "kind": "policy",
+            "trained_steps": ",".join(str(n) for n in sorted(coefficients.trained_steps)),
+            "time_features": coefficients.time_features,
+            "bins": str(policy.bins),
+            "hidden": str(policy.hidden),
+        }
+    else:
+        tensors = {
+            f"weights.N{n}": table.detach().to("cpu", torch.float64).contiguous()
+            for n, table in coefficients.tables.items()
+        }
+        metadata |= {"kind": "table", "trained_steps": ",".join(str(n) for n in sorted(coefficients.tables))}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, os.fspath(path), metadata=metadata)
+
+
+def load_coefficients(
+    path: str | os.PathLike, *, mode: str = "mode", allow_untrained_steps: bool = False
+) -> Coefficients:
+    """Read and validate a coefficient file. Raises CoefficientFileError (a ValueError) on any problem."""
+    retrain = "re-create it with `python -m consistency_solver.training` or the converter"
+    if not os.path.isfile(path):
+        raise CoefficientFileError(path, "no such file", "check the path or put the file in models/consistency_solver/")
+    try:
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as error:  # safetensors reports corrupt headers with several exception types
+        raise CoefficientFileError(
+            path,
+            f"not a readable safetensors file ({error})",
+            f"the file is damaged or of another format; {retrain}",
+        ) from error
+
+    def fail(problem: str, fix: str = retrain) -> None:
+        raise CoefficientFileError(path, problem, fix)
+
+    if metadata.get("format") != FORMAT:
+        fail(
+            f"metadata 'format' is {metadata.get('format')!r}, not {FORMAT!r}",
+            "this is not a ConsistencySolver coefficient file",
+        )
+    if metadata.get("format_version") != FORMAT_VERSION:
+        fail(
+            f"format version {metadata.get('format_version')!r} is not supported (this pack reads {FORMAT_VERSION!r})",
+            "update the node pack, or re-export the file with this version",
+        )
+    kind = metadata.get("kind")
+    if kind not in ("policy", "table"):
+        fail(f"unknown kind {kind!r} (expected 'policy' or 'table')")
+    allowed = _POLICY_KEYS if kind == "policy" else _COMMON_KEYS
+    missing, unknown = sorted(allowed - metadata.keys()), sorted(metadata.keys() - allowed)
+    if missing or unknown:
+        fail(f"metadata keys missing {missing}, unknown {unknown}")
+    if model_kind(metadata["model_family"]) not in MODEL_KINDS:
+        fail(f"model_family {metadata['model_family']!r} must be 'any' or end in -eps or -flow")
+    try:
+        order = int(metadata["order"])
+        trained_steps = tuple(int(n) for n in metadata["trained_steps"].split(","))
+        json.loads(metadata["training"])
+    except ValueError as error:
+        fail(f"malformed metadata ({error})")
+    if order < 1 or any(n < 1 for n in trained_steps):
+        fail(f"order {order} and trained_steps {trained_steps} must be positive")
+    for name, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            fail(f"tensor {name!r} contains NaN or infinite values")
+    if kind == "table":
+        return _table_from_file(path, tensors, metadata, order, trained_steps, fail)
+    return _policy_from_file(tensors, metadata, order, trained_steps, mode, allow_untrained_steps, fail)
+
+
+def _table_from_file(path, tensors, metadata, order, trained_steps, fail) -> TableCoefficients:
+    expected = {f"weights.N{n}" for n in trained_steps}
+    if set(tensors) != expected:
+        fail(f"tensors {sorted(tensors)} do not match trained_steps {trained_steps} (expected {sorted(expected)})")
+    tables = {}
+    for n in trained_steps:
+        table = tensors[f"weights.N{n}"].to(torch.float64)
+        if table.shape != (n, order):
+            fail(f"weights.N{n} has shape {tuple(table.shape)}, expected {(n, order)}")
+        if not torch.allclose(table.sum(dim=1), torch.ones(n, dtype=torch.float64), atol=1e-5):
+            fail(f"rows of weights.N{n} do not sum to 1: {table.sum(dim=1).tolist()}")
+        tables[n] = table
+    return TableCoefficients(tables=tables, order=order, metadata=metadata)
+
+
+def _policy_from_file(tensors, metadata, order, trained_steps, mode, allow_untrained_steps, fail) -> PolicyCoefficients:
+    if set(tensors) != set(_POLICY_TENSORS):
+        fail(f"policy tensors are {sorted(tensors)}, expected {sorted(_POLICY_TENSORS)}")
+    if metadata["time_features"] not in TIME_FEATURE_KINDS:
+        fail(f"unknown time_features {metadata['time_features']!r} (known: {', '.join(TIME_FEATURE_KINDS)})")
+    try:
+        bins, hidden = int(metadata["bins"]), int(metadata["hidden"])
+    except ValueError as error:
+        fail(f"malformed metadata ({error})")
+    expected_shapes = {
+        "mlp.0.weight": (hidden, 2),
+        "mlp.0.bias": (hidden,),
+        "mlp.2.weight": (hidden, hidden),
+        "mlp.2.bias": (hidden,),
+        "mlp.4.weight": ((order - 1) * bins, hidden),
+        "mlp.4.bias": ((order - 1) * bins,),
+        "action_values": (order - 1, bins),
+    }
+    for name, shape in expected_shapes.items():
+        if tuple(tensors[name].shape) != shape:
+            actual = tuple(tensors[name].shape)
+            fail(f"tensor {name!r} has shape {actual}, expected {shape} (order={order}, bins={bins}, hidden={hidden})")
+    policy = ConsistencyPolicy(order=order, bins=bins, hidden=hidden, action_values=tensors["action_values"])
+    policy.load_state_dict({name: tensor.float() for name, tensor in tensors.items()})
+    policy.eval()
+    return PolicyCoefficients(
+        policy=policy,
+        time_features=metadata["time_features"],
+        trained_steps=trained_steps,
+        mode=mode,
+        allow_untrained_steps=allow_untrained_steps,
+        metadata=metadata,
+    )

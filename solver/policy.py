@@ -1,0 +1,138 @@
+"""The learned coefficient policy of the paper (arXiv 2512.13592, sec. 3): a tiny MLP of the step's times.
+
+For each of the ``order - 1`` free coefficients the network gives a categorical distribution over a
+grid of ``bins`` values. An action vector ``a`` becomes weights by the paper's rule (newest first)::
+
+    w_1 = 1 + a_0,   w_k = a_{k-1} (2 <= k <= h-1),   w_h = 1 - sum_{k<h} w_k
+
+with h = min(i + 1, order) derivatives available, so every row sums to 1 and actions of dimensions
+>= h-1 do not matter (they are masked in training). Inference is deterministic: the mode (argmax) or
+the expectation of each distribution, never a random draw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .coefficients import history_lengths
+from .time_features import SigmaToTimestep, time_features
+
+INFERENCE_MODES = ("mode", "expectation")
+
+
+def default_action_grids(order: int, bins: int) -> torch.Tensor:
+    """The paper's grids: a_0 in [0, 2] (w_1 in [1, 3]), a_1 in [-2, 0], further dims in [-1, 1]."""
+    ranges = [(0.0, 2.0), (-2.0, 0.0)] + [(-1.0, 1.0)] * max(order - 3, 0)
+    return torch.stack([torch.linspace(low, high, bins) for low, high in ranges[: order - 1]])
+
+
+class ConsistencyPolicy(nn.Module):
+    """``Linear(2, hidden) -> ReLU -> Linear(hidden, hidden) -> ReLU -> Linear(hidden, (order-1)*bins)``.
+
+    Parameter names match the released checkpoint (``mlp.0/2/4``, ``action_values``). The last layer
+    starts at zero, so an untrained policy is uniform over each grid.
+    """
+
+    def __init__(self, order: int = 4, bins: int = 11, hidden: int = 256, action_values: torch.Tensor | None = None):
+        super().__init__()
+        if order < 2:
+            raise ValueError(f"a policy needs order >= 2 (one free coefficient), got order={order}")
+        if bins < 2:
+            raise ValueError(f"a policy needs at least 2 bins per coefficient, got bins={bins}")
+        self.order, self.bins, self.hidden = order, bins, hidden
+        self.mlp = nn.Sequential(
+            nn.Linear(2, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, (order - 1) * bins),
+        )
+        nn.init.zeros_(self.mlp[4].weight)
+        nn.init.zeros_(self.mlp[4].bias)
+        grids = default_action_grids(order, bins) if action_values is None else action_values.clone().float()
+        if grids.shape != (order - 1, bins):
+            raise ValueError(f"action_values must have shape {(order - 1, bins)}, got {tuple(grids.shape)}")
+        self.register_buffer("action_values", grids)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits of shape [..., order-1, bins] for time features of shape [..., 2]."""
+        logits = self.mlp(features.to(self.action_values.dtype))
+        return logits.unflatten(-1, (self.order - 1, self.bins))
+
+    def actions(self, logits: torch.Tensor, mode: str = "mode") -> torch.Tensor:
+        """Deterministic actions from logits: the grid value of the argmax, or the expected value."""
+        if mode == "mode":
+            index = logits.argmax(dim=-1, keepdim=True)
+            return self.action_values.expand(*logits.shape[:-1], -1).gather(-1, index).squeeze(-1)
+        if mode == "expectation":
+            return (logits.softmax(dim=-1) * self.action_values).sum(dim=-1)
+        raise ValueError(f"unknown inference mode {mode!r}; modes: {', '.join(INFERENCE_MODES)}")
+
+
+def actions_to_weights(actions: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+    """The paper's offset/sum-to-1 rule. actions [M, order-1], history lengths h [M] -> weights [M, order]."""
+    rows, free = actions.shape
+    order = free + 1
+    columns = torch.arange(order, device=actions.device)
+    raw = torch.cat(
+        [
+            1 + actions[:, :1],
+            actions[:, 1:],
+            torch.zeros(rows, 1, dtype=actions.dtype, device=actions.device),
+        ],
+        dim=1,
+    )
+    history = history.to(actions.device).unsqueeze(1)
+    weights = torch.where(columns < history - 1, raw, torch.zeros_like(raw))
+    last = 1 - weights.sum(dim=1, keepdim=True)
+    return torch.where(columns == history - 1, last, weights)
+
+
+def active_action_mask(history: torch.Tensor, order: int) -> torch.Tensor:
+    """Which action dimensions change the weights: dimension k is used iff k < h - 1. Shape [M, order-1]."""
+    return torch.arange(order - 1).unsqueeze(0) < (history.unsqueeze(1) - 1)
+
+
+@dataclass(frozen=True)
+class PolicyCoefficients:
+    """A trained policy bound to its time-feature definition and the step counts it was trained on."""
+
+    policy: ConsistencyPolicy
+    time_features: str
+    trained_steps: tuple[int, ...]
+    mode: str = "mode"
+    allow_untrained_steps: bool = False
+    metadata: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in INFERENCE_MODES:
+            raise ValueError(f"unknown inference mode {self.mode!r}; modes: {', '.join(INFERENCE_MODES)}")
+
+    @property
+    def order(self) -> int:
+        return self.policy.order
+
+    @torch.no_grad()
+    def weights(self, sigmas: torch.Tensor, sigma_to_timestep: SigmaToTimestep | None = None) -> torch.Tensor:
+        steps = len(sigmas) - 1
+        if steps and steps not in self.trained_steps and not self.allow_untrained_steps:
+            raise ValueError(
+                f"this policy was trained for {_describe_steps(self.trained_steps)} steps, not {steps}; "
+                f"sample with {_describe_steps(self.trained_steps)} steps, retrain it with {steps} included, "
+                "or allow untrained step counts explicitly (allow_untrained_steps=True)"
+            )
+        features = time_features(sigmas, self.time_features, sigma_to_timestep)
+        device = self.policy.action_values.device
+        logits = self.policy(features.float().to(device))
+        actions = self.policy.actions(logits, self.mode).to("cpu", torch.float64)
+        return actions_to_weights(actions, history_lengths(steps, self.order))
+
+
+def _describe_steps(steps: tuple[int, ...]) -> str:
+    ordered = sorted(steps)
+    if ordered and ordered == list(range(ordered[0], ordered[-1] + 1)):
+        return f"{ordered[0]}-{ordered[-1]}"
+    return ", ".join(str(n) for n in ordered)
