@@ -13,6 +13,7 @@ model_family        what it was trained for: ``any``, or ``<name>-eps`` / ``<nam
                     ``sd15-eps``, ``flux-flow``); ``eps`` covers EPS and V-prediction models
 trained_steps       comma-separated step counts it was trained on (a table: the counts it holds)
 time_features       policy only: the feature kind (see ``solver.time_features``)
+inference_mode      policy only: the deterministic read-out it was trained for, ``mode`` or ``expectation``
 bins, hidden        policy only: grid size and MLP width
 description         free text
 training            JSON summary of how it was made (command, reward, model evaluations, ...)
@@ -33,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .coefficients import TableCoefficients
-from .policy import ConsistencyPolicy, PolicyCoefficients
+from .policy import INFERENCE_MODES, ConsistencyPolicy, PolicyCoefficients
 from .time_features import TIME_FEATURE_KINDS
 
 FORMAT = "consistency-solver-coefficients"
@@ -49,7 +50,7 @@ _COMMON_KEYS = {
     "description",
     "training",
 }
-_POLICY_KEYS = _COMMON_KEYS | {"time_features", "bins", "hidden"}
+_POLICY_KEYS = _COMMON_KEYS | {"time_features", "bins", "hidden", "inference_mode"}
 _POLICY_TENSORS = (
     "mlp.0.weight",
     "mlp.0.bias",
@@ -103,6 +104,7 @@ def save_coefficients(
             "kind": "policy",
             "trained_steps": ",".join(str(n) for n in sorted(coefficients.trained_steps)),
             "time_features": coefficients.time_features,
+            "inference_mode": coefficients.mode,
             "bins": str(policy.bins),
             "hidden": str(policy.hidden),
         }
@@ -117,9 +119,12 @@ def save_coefficients(
 
 
 def load_coefficients(
-    path: str | os.PathLike, *, mode: str = "mode", allow_untrained_steps: bool = False
+    path: str | os.PathLike, *, mode: str | None = None, allow_untrained_steps: bool = False
 ) -> Coefficients:
-    """Read and validate a coefficient file. Raises CoefficientFileError (a ValueError) on any problem."""
+    """Read and validate a coefficient file. Raises CoefficientFileError (a ValueError) on any problem.
+
+    ``mode`` overrides a policy's stored inference mode (``mode`` = argmax, ``expectation`` = mean action).
+    """
     retrain = "re-create it with `python -m consistency_solver.training` or the converter"
     if not os.path.isfile(path):
         raise CoefficientFileError(path, "no such file", "check the path or put the file in models/consistency_solver/")
@@ -190,6 +195,8 @@ def _table_from_file(path, tensors, metadata, order, trained_steps, fail) -> Tab
 def _policy_from_file(tensors, metadata, order, trained_steps, mode, allow_untrained_steps, fail) -> PolicyCoefficients:
     if set(tensors) != set(_POLICY_TENSORS):
         fail(f"policy tensors are {sorted(tensors)}, expected {sorted(_POLICY_TENSORS)}")
+    if metadata["inference_mode"] not in INFERENCE_MODES:
+        fail(f"unknown inference_mode {metadata['inference_mode']!r} (known: {', '.join(INFERENCE_MODES)})")
     if metadata["time_features"] not in TIME_FEATURE_KINDS:
         fail(f"unknown time_features {metadata['time_features']!r} (known: {', '.join(TIME_FEATURE_KINDS)})")
     try:
@@ -216,7 +223,7 @@ def _policy_from_file(tensors, metadata, order, trained_steps, mode, allow_untra
         policy=policy,
         time_features=metadata["time_features"],
         trained_steps=trained_steps,
-        mode=mode,
+        mode=mode or metadata["inference_mode"],
         allow_untrained_steps=allow_untrained_steps,
         metadata=metadata,
     )
