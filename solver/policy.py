@@ -26,7 +26,9 @@ INFERENCE_MODES = ("mode", "expectation")
 def default_action_grids(order: int, bins: int) -> torch.Tensor:
     """The paper's grids: a_0 in [0, 2] (w_1 in [1, 3]), a_1 in [-2, 0], further dims in [-1, 1]."""
     ranges = [(0.0, 2.0), (-2.0, 0.0)] + [(-1.0, 1.0)] * max(order - 3, 0)
-    return torch.stack([torch.linspace(low, high, bins) for low, high in ranges[: order - 1]])
+    # low + span * k/(bins-1) in float64 puts 0 exactly on the grid (float32 linspace misses it by 1e-8).
+    fractions = torch.arange(bins, dtype=torch.float64) / (bins - 1)
+    return torch.stack([low + (high - low) * fractions for low, high in ranges[: order - 1]]).float()
 
 
 class ConsistencyPolicy(nn.Module):

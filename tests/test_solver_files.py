@@ -1,0 +1,173 @@
+"""Coefficient files: round trips, and a clear CoefficientFileError for every kind of broken file."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from consistency_solver.solver import (
+    CoefficientFileError,
+    ConsistencyPolicy,
+    PolicyCoefficients,
+    TableCoefficients,
+    load_coefficients,
+    save_coefficients,
+)
+from consistency_solver.solver.files import FORMAT
+from consistency_solver.solver.schedules import karras_sigmas
+
+
+def trained_policy(order: int = 4, bins: int = 11) -> PolicyCoefficients:
+    policy = ConsistencyPolicy(order=order, bins=bins, hidden=32)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            parameter.normal_(0, 0.5)
+    return PolicyCoefficients(policy, time_features="log_sigma", trained_steps=tuple(range(3, 13)))
+
+
+def two_step_table() -> TableCoefficients:
+    return TableCoefficients({2: torch.tensor([[1.0, 0.0], [1.5, -0.5]], dtype=torch.float64)}, order=2)
+
+
+@pytest.fixture
+def policy_file(tmp_path):
+    path = tmp_path / "policy.safetensors"
+    save_coefficients(path, trained_policy(), model_family="gmm-eps", description="test", training={"steps": 3})
+    return path
+
+
+def rewrite(path, tensors=None, **metadata_changes):
+    """Write a copy of a valid file with some tensors or metadata replaced (None deletes a key)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+        stored = {name: handle.get_tensor(name) for name in handle.keys()}
+    stored.update(tensors or {})
+    for key, value in metadata_changes.items():
+        if value is None:
+            metadata.pop(key)
+        else:
+            metadata[key] = value
+    broken = path.with_name("broken.safetensors")
+    save_file(stored, str(broken), metadata=metadata)
+    return broken
+
+
+@pytest.mark.parametrize("mode", ["mode", "expectation"])
+def test_policy_round_trip_gives_the_same_weights(policy_file, mode):
+    original = trained_policy()
+    loaded = load_coefficients(policy_file, mode=mode)
+    sigmas = karras_sigmas(8, 0.0292, 14.6146)
+    expected = PolicyCoefficients(original.policy, "log_sigma", original.trained_steps, mode=mode).weights(sigmas)
+    torch.testing.assert_close(loaded.weights(sigmas), expected)
+    assert loaded.metadata["model_family"] == "gmm-eps"
+    assert json.loads(loaded.metadata["training"]) == {"steps": 3}
+
+
+def test_policy_file_remembers_its_inference_mode(tmp_path):
+    coefficients = trained_policy()
+    path = tmp_path / "expectation.safetensors"
+    save_coefficients(
+        path, PolicyCoefficients(coefficients.policy, "log_sigma", (4,), mode="expectation"), model_family="any"
+    )
+    assert load_coefficients(path).mode == "expectation"
+    assert load_coefficients(path, mode="mode").mode == "mode"
+
+
+def test_table_round_trip(tmp_path):
+    path = tmp_path / "table.safetensors"
+    save_coefficients(path, two_step_table(), model_family="flow")
+    loaded = load_coefficients(path)
+    torch.testing.assert_close(loaded.weights(torch.tensor([1.0, 0.5, 0.0])), two_step_table().tables[2])
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CoefficientFileError, match="no such file.*models/consistency_solver"):
+        load_coefficients(tmp_path / "absent.safetensors")
+
+
+def test_truncated_file(policy_file):
+    data = policy_file.read_bytes()
+    policy_file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CoefficientFileError, match="policy.safetensors.*not a readable safetensors file.*Fix"):
+        load_coefficients(policy_file)
+
+
+def test_pickle_disguised_as_safetensors_is_never_unpickled(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('pickle was executed')",))
+
+    path = tmp_path / "evil.safetensors"
+    path.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(CoefficientFileError, match="evil.safetensors.*not a readable safetensors file"):
+        load_coefficients(path)
+
+
+def test_wrong_format_version(policy_file):
+    with pytest.raises(CoefficientFileError, match="format version '99' is not supported.*update the node pack"):
+        load_coefficients(rewrite(policy_file, format_version="99"))
+
+
+def test_not_a_coefficient_file(tmp_path):
+    path = tmp_path / "lora.safetensors"
+    save_file({"lora_up.weight": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(CoefficientFileError, match="lora.safetensors.*not a ConsistencySolver coefficient file"):
+        load_coefficients(path)
+
+
+def test_wrong_tensor_shape(policy_file):
+    with pytest.raises(CoefficientFileError, match="'mlp.4.weight' has shape \\(3, 32\\), expected \\(33, 32\\)"):
+        load_coefficients(rewrite(policy_file, {"mlp.4.weight": torch.zeros(3, 32)}))
+
+
+def test_nan_weights(policy_file):
+    bad = torch.zeros(32, 32)
+    bad[0, 0] = float("nan")
+    with pytest.raises(CoefficientFileError, match="'mlp.2.weight' contains NaN"):
+        load_coefficients(rewrite(policy_file, {"mlp.2.weight": bad}))
+
+
+def test_missing_and_unknown_metadata_keys(policy_file):
+    with pytest.raises(CoefficientFileError, match="missing \\['time_features'\\], unknown \\['color'\\]"):
+        load_coefficients(rewrite(policy_file, time_features=None, color="red"))
+
+
+def test_unknown_time_features(policy_file):
+    with pytest.raises(CoefficientFileError, match="unknown time_features 'karras_index'"):
+        load_coefficients(rewrite(policy_file, time_features="karras_index"))
+
+
+def test_unknown_tensor(policy_file):
+    with pytest.raises(CoefficientFileError, match="policy tensors are"):
+        load_coefficients(rewrite(policy_file, {"extra": torch.zeros(1)}))
+
+
+def test_bad_model_family(policy_file):
+    with pytest.raises(CoefficientFileError, match="model_family 'sd15' must be 'any' or end in -eps or -flow"):
+        load_coefficients(rewrite(policy_file, model_family="sd15"))
+
+
+def test_table_rows_must_sum_to_one(tmp_path):
+    path = tmp_path / "table.safetensors"
+    save_coefficients(path, two_step_table(), model_family="flow")
+    bad = torch.tensor([[1.0, 0.0], [1.5, -0.4]], dtype=torch.float64)
+    with pytest.raises(CoefficientFileError, match="rows of weights.N2 do not sum to 1"):
+        load_coefficients(rewrite(path, {"weights.N2": bad}))
+
+
+def test_table_shape_must_match_its_step_count(tmp_path):
+    path = tmp_path / "table.safetensors"
+    save_coefficients(path, two_step_table(), model_family="flow")
+    with pytest.raises(CoefficientFileError, match="weights.N2 has shape \\(3, 2\\), expected \\(2, 2\\)"):
+        load_coefficients(rewrite(path, {"weights.N2": torch.tensor([[1.0, 0.0]] * 3, dtype=torch.float64)}))
+
+
+def test_every_error_is_a_value_error_naming_the_fix(policy_file):
+    with pytest.raises(ValueError) as error:
+        load_coefficients(rewrite(policy_file, format=FORMAT + "-v2"))
+    assert "broken.safetensors" in str(error.value) and "Fix:" in str(error.value)
