@@ -1,0 +1,140 @@
+"""THE reference-trajectory generator: the "full-step final" a preview is compared with.
+
+Shared by tests, training and benchmarks so that all of them mean the same thing by "reference":
+
+- ``method="ode"``: the probability-flow ODE solved with torchdiffeq's dopri5 (float64, rtol = atol = 1e-8 by
+  default) from the bed's first sigma to its last nonzero sigma of a ``steps``-step schedule, then the final jump
+  x -> D(x, sigma_last) that every sampler ends with. Eps beds integrate in u = log sigma (dx/du = x - D), flow
+  beds in s itself (dx/ds = (x - D) / s); both are the same ODE dx/dsigma = (x - D) / sigma.
+- ``method="multistep"``: a ``steps``-step run on the bed's schedule, as a user's many-step refine run: the
+  variable-step Adams-Bashforth-4 preset of the solver down to the last nonzero sigma, then the same final jump
+  (``steps`` model calls in all). Ending like the ODE reference and like ComfyUI's stock samplers keeps both
+  methods converging to the same final. The benchmark uses this at 40 steps.
+
+Noises come from seeds, one generator per sample, so sample j of any batch is reproducible from its seed alone.
+Training draws seeds below ``TRAINING_SEED_LIMIT``; benchmarks and the demo use ``HELD_OUT_SEED_START`` and up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from ..solver import Preset, sample_consistency_solver
+from .testbeds.base import TestBed
+
+TRAINING_SEED_LIMIT = 10_000  # training noises use seeds 0 .. 9_999
+HELD_OUT_SEED_START = 10_000  # evaluation noises use seeds 10_000 and up, never seen in training
+REFERENCE_METHODS = ("ode", "multistep")
+MULTISTEP_PRESET = "ab4"
+# Bump when the computation below changes, so stale cache files are not reused.
+REFERENCE_VERSION = "1"
+
+
+def seeded_batch(bed: TestBed, seeds: Sequence[int]) -> tuple[Tensor, Tensor | None]:
+    """Noise [n, *shape] and labels [n] (or None) with sample j drawn from its own generator seeded ``seeds[j]``."""
+    noises, labels = [], []
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(int(seed))
+        noises.append(bed.noise(1, generator))
+        labels.append(bed.sample_labels(1, generator))
+    return torch.cat(noises), None if labels[0] is None else torch.cat(labels)
+
+
+def held_out_seeds(count: int, start: int = HELD_OUT_SEED_START) -> list[int]:
+    if start < HELD_OUT_SEED_START:
+        raise ValueError(f"held-out seeds start at {HELD_OUT_SEED_START} (training uses the seeds below), got {start}")
+    return list(range(start, start + count))
+
+
+def training_seeds(count: int, start: int = 0) -> list[int]:
+    if start + count > TRAINING_SEED_LIMIT:
+        raise ValueError(f"training seeds must stay below {TRAINING_SEED_LIMIT}; got {start} .. {start + count - 1}")
+    return list(range(start, start + count))
+
+
+def reference_finals(
+    bed: TestBed,
+    noise: Tensor,
+    labels: Tensor | None,
+    *,
+    method: str = "ode",
+    steps: int = 40,
+    cache_dir: str | os.PathLike | None = None,
+    rtol: float = 1e-8,
+) -> Tensor:
+    """The reference final sample for each noise (and label) of the batch, in ``noise``'s dtype.
+
+    ``steps`` fixes the schedule: the ODE runs to its last nonzero sigma (for flow beds that depends on
+    ``steps``), the multistep method takes that many steps. ``rtol`` (= atol) applies to ``method="ode"``.
+    With ``cache_dir`` the result is stored under a hash of everything that determines it.
+    """
+    if method not in REFERENCE_METHODS:
+        raise ValueError(f"unknown reference method {method!r}; methods: {', '.join(REFERENCE_METHODS)}")
+    cache_path = None
+    if cache_dir is not None:
+        cache_path = Path(cache_dir) / f"{_cache_key(bed, noise, labels, method, steps, rtol)}.safetensors"
+        if cache_path.is_file():
+            return load_file(os.fspath(cache_path))["finals"].to(noise.dtype)
+    if method == "ode":
+        finals = _ode_finals(bed, noise, labels, steps, rtol)
+    else:
+        finals = _multistep_finals(bed, noise, labels, steps)
+    finals = finals.to(noise.dtype)
+    if cache_path is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"finals": finals.contiguous()}, os.fspath(cache_path))
+    return finals
+
+
+def _cache_key(bed: TestBed, noise: Tensor, labels: Tensor | None, method: str, steps: int, rtol: float) -> str:
+    digest = hashlib.sha256()
+    settings = f"v{REFERENCE_VERSION}|{bed.identity()}|{method}|{steps}|{noise.dtype}|{tuple(noise.shape)}"
+    if method == "ode":
+        settings += f"|rtol={rtol!r}"
+    else:
+        settings += f"|{MULTISTEP_PRESET}"
+    digest.update(settings.encode())
+    digest.update(noise.detach().cpu().contiguous().numpy().tobytes())
+    if labels is not None:
+        digest.update(labels.detach().cpu().to(torch.int64).contiguous().numpy().tobytes())
+    return f"{bed.name}-{method}{steps}-{digest.hexdigest()[:24]}"
+
+
+def _multistep_finals(bed: TestBed, noise: Tensor, labels: Tensor | None, steps: int) -> Tensor:
+    sigmas = bed.sigmas(steps).to(noise.dtype)
+    model = bed.model(labels)
+    x = bed.initial_state(noise, sigmas)
+    x_last = sample_consistency_solver(model, x, sigmas[:-1], disable=True, coefficients=Preset(MULTISTEP_PRESET))
+    return model(x_last, sigmas[-2] * x.new_ones(x.shape[0]))
+
+
+@torch.no_grad()
+def _ode_finals(bed: TestBed, noise: Tensor, labels: Tensor | None, steps: int, rtol: float) -> Tensor:
+    from torchdiffeq import odeint  # a dev dependency: only reference solves need it
+
+    sigmas = bed.sigmas(steps)
+    sigma_start, sigma_last = sigmas[0], sigmas[-2]
+    x = bed.initial_state(noise.to(torch.float64), sigmas)
+    ones = torch.ones(x.shape[0], dtype=torch.float64)
+
+    if bed.kind == "eps":
+
+        def velocity(u: Tensor, state: Tensor) -> Tensor:  # dx/du with u = log sigma
+            return state - bed.denoise(state, u.exp() * ones, labels)
+
+        times = torch.stack([sigma_start.log(), sigma_last.log()])
+    else:
+
+        def velocity(s: Tensor, state: Tensor) -> Tensor:  # dx/ds
+            return (state - bed.denoise(state, s * ones, labels)) / s
+
+        times = torch.stack([sigma_start, sigma_last])
+    x_last = odeint(velocity, x, times, method="dopri5", rtol=rtol, atol=rtol)[-1]
+    return bed.denoise(x_last, sigma_last * ones, labels)
