@@ -1,0 +1,326 @@
+"""The node classes (ComfyUI's V1 schema). Declarations only; the work happens in ``runtime``.
+
+Importing this module needs no ComfyUI: the two live lists (schedulers, coefficient files) are read
+when ComfyUI asks for INPUT_TYPES, and ``runtime`` is imported when a node runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .coefficients import (
+    FOLDER_NAME,
+    INFERENCE_MODE_CHOICES,
+    STORED_MODE,
+    CoefficientSelection,
+    coefficient_choices,
+    file_fingerprint,
+)
+from .preview_state import DEFAULT_REFINE_SAMPLER, SELECT_ALL
+
+CATEGORY = "sampling/consistency_solver"
+COEFFICIENTS_TYPE = "CONSISTENCY_COEFFICIENTS"
+PREVIEW_STATE_TYPE = "PREVIEW_STATE"
+DEFAULT_SCHEDULER = "simple"  # the stock KSampler's default, so Preview/Refine behave like it out of the box
+SEED_MAX = 0xFFFFFFFFFFFFFFFF
+
+
+def scheduler_names() -> list[str]:
+    import comfy.samplers
+
+    return comfy.samplers.KSampler.SCHEDULERS
+
+
+def coefficient_file_names() -> list[str]:
+    import folder_paths
+
+    return folder_paths.get_filename_list(FOLDER_NAME)
+
+
+def _runtime():
+    from . import runtime
+
+    return runtime
+
+
+def _coefficient_widget() -> tuple[list[str], dict[str, Any]]:
+    return (
+        coefficient_choices(coefficient_file_names()),
+        {
+            "default": "auto",
+            "tooltip": "Which solver coefficients to use. 'auto' = the pack's trained default for this model's "
+            "family (EPS/V-prediction or flow). Files come from models/consistency_solver/ and the pack; "
+            "euler, ab2-ab4 and ipndm are classic untrained solvers for comparison.",
+        },
+    )
+
+
+def _selection_widgets() -> dict[str, tuple]:
+    return {
+        "coefficients": _coefficient_widget(),
+        "inference_mode": (
+            list(INFERENCE_MODE_CHOICES),
+            {
+                "default": STORED_MODE,
+                "tooltip": "How a learned policy turns its prediction into weights: 'mode' = most likely value, "
+                "'expectation' = average. Leave it as stored unless you compare the two.",
+            },
+        ),
+        "allow_untrained_steps": (
+            "BOOLEAN",
+            {
+                "default": False,
+                "tooltip": "A learned policy refuses step counts it was not trained for. Turn on to run it anyway "
+                "(quality is then unknown).",
+            },
+        ),
+    }
+
+
+def _loaded_coefficients_input() -> dict[str, tuple]:
+    return {
+        "loaded_coefficients": (
+            COEFFICIENTS_TYPE,
+            {"tooltip": "Optional: coefficients from a Consistency Solver Coefficients node (wins over this choice)."},
+        )
+    }
+
+
+def _model_inputs() -> dict[str, tuple]:
+    return {
+        "model": ("MODEL", {"tooltip": "The diffusion model (SD1.5, SDXL, V-prediction or flow models like Flux)."}),
+        "positive": ("CONDITIONING", {"tooltip": "What the image should show."}),
+        "negative": ("CONDITIONING", {"tooltip": "What the image should avoid."}),
+    }
+
+
+def _cfg_input() -> tuple[str, dict[str, Any]]:
+    return (
+        "FLOAT",
+        {
+            "default": 8.0,
+            "min": 0.0,
+            "max": 100.0,
+            "step": 0.1,
+            "round": 0.01,
+            "tooltip": "Prompt strength (classifier-free guidance), as in KSampler.",
+        },
+    )
+
+
+def _scheduler_input(tooltip: str) -> tuple[list[str], dict[str, Any]]:
+    return (scheduler_names(), {"default": DEFAULT_SCHEDULER, "tooltip": tooltip})
+
+
+def _selection(coefficients: str, inference_mode: str, allow_untrained_steps: bool, loaded: Any) -> Any:
+    if loaded is not None:
+        return loaded
+    return CoefficientSelection(coefficients, inference_mode, allow_untrained_steps)
+
+
+class ConsistencySolverCoefficients:
+    DESCRIPTION = "Chooses ConsistencySolver coefficients once, for several Preview or sampler nodes."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (COEFFICIENTS_TYPE,)
+    RETURN_NAMES = ("coefficients",)
+    OUTPUT_TOOLTIPS = ("The chosen coefficients, checked against the model when sampling starts.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": _selection_widgets()}
+
+    @classmethod
+    def IS_CHANGED(cls, coefficients: str, **_: Any) -> str:
+        return file_fingerprint(coefficients, _runtime().locate_file)
+
+    def load(self, coefficients: str, inference_mode: str, allow_untrained_steps: bool) -> tuple[CoefficientSelection]:
+        return (CoefficientSelection(coefficients, inference_mode, allow_untrained_steps),)
+
+
+class SamplerConsistencySolver:
+    DESCRIPTION = "The ConsistencySolver as a SAMPLER for SamplerCustom / SamplerCustomAdvanced."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("SAMPLER",)
+    OUTPUT_TOOLTIPS = ("A sampler that runs ConsistencySolver with the chosen coefficients.",)
+    FUNCTION = "get_sampler"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": _selection_widgets(), "optional": _loaded_coefficients_input()}
+
+    IS_CHANGED = ConsistencySolverCoefficients.IS_CHANGED
+
+    def get_sampler(
+        self, coefficients: str, inference_mode: str, allow_untrained_steps: bool, loaded_coefficients: Any = None
+    ) -> tuple[Any]:
+        selection = _selection(coefficients, inference_mode, allow_untrained_steps, loaded_coefficients)
+        return (_runtime().consistency_sampler(selection),)
+
+
+class DiffusionPreview:
+    DESCRIPTION = (
+        "A fast few-step draft of exactly the image DiffusionRefine (or a KSampler with the same seed) renders: "
+        "same noise, same start, a solver trained to land where the full run lands."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT", PREVIEW_STATE_TYPE)
+    RETURN_NAMES = ("preview", "preview_state")
+    OUTPUT_TOOLTIPS = (
+        "The preview latent (decode it with VAE Decode to look at it).",
+        "Seed, noise and settings of this preview, for DiffusionRefine.",
+    )
+    FUNCTION = "preview"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                **_model_inputs(),
+                "latent_image": (
+                    "LATENT",
+                    {
+                        "tooltip": "The latent to start from (Empty Latent Image for text-to-image); a batch gives "
+                        "one preview per image."
+                    },
+                ),
+                "seed": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": SEED_MAX,
+                        "control_after_generate": True,
+                        "tooltip": "The noise seed. DiffusionRefine reuses it through the preview state.",
+                    },
+                ),
+                "steps": (
+                    "INT",
+                    {"default": 8, "min": 1, "max": 100, "tooltip": "Preview steps: fewer is faster, 4-10 is typical."},
+                ),
+                "cfg": _cfg_input(),
+                "scheduler": _scheduler_input("How the noise levels are spaced over the preview steps."),
+                "denoise": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": 0.01,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "How much of the input latent to repaint (below 1 for image-to-image). "
+                        "The refine uses the same value.",
+                    },
+                ),
+                "coefficients": _coefficient_widget(),
+            },
+            "optional": _loaded_coefficients_input(),
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, coefficients: str, **_: Any) -> str:
+        return ConsistencySolverCoefficients.IS_CHANGED(coefficients)
+
+    def preview(
+        self,
+        model: Any,
+        positive: Any,
+        negative: Any,
+        latent_image: dict[str, Any],
+        seed: int,
+        steps: int,
+        cfg: float,
+        scheduler: str,
+        denoise: float,
+        coefficients: str,
+        loaded_coefficients: Any = None,
+    ) -> tuple[dict[str, Any], Any]:
+        selection = _selection(coefficients, STORED_MODE, False, loaded_coefficients)
+        return _runtime().run_preview(
+            model, positive, negative, latent_image, seed, steps, cfg, scheduler, denoise, selection
+        )
+
+
+class DiffusionRefine:
+    DESCRIPTION = (
+        "The full render of a preview: the same noise, many steps of a strong sampler. While 'approve' is off it "
+        "does nothing, so you can iterate on previews for free."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("The refined latent, equal to a stock KSampler run with the preview's seed and noise.",)
+    FUNCTION = "refine"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                **_model_inputs(),
+                "preview_state": (
+                    PREVIEW_STATE_TYPE,
+                    {"tooltip": "From DiffusionPreview: its seed, noise, latent and denoise."},
+                ),
+                "approve": (
+                    "BOOLEAN",
+                    {
+                        "default": False,
+                        "label_on": "render",
+                        "label_off": "previews only",
+                        "tooltip": "Off: skip the refine (and everything after it). On: render the chosen previews.",
+                    },
+                ),
+                "select": (
+                    "STRING",
+                    {
+                        "default": SELECT_ALL,
+                        "tooltip": "Which previews of the batch to refine: 'all', or positions such as '0,2' "
+                        "(counting from 0).",
+                    },
+                ),
+                "steps": ("INT", {"default": 30, "min": 1, "max": 10000, "tooltip": "Steps of the full render."}),
+                "cfg": _cfg_input(),
+                "scheduler": _scheduler_input("How the noise levels are spaced over the refine steps."),
+            },
+            "optional": {
+                "sampler": (
+                    "SAMPLER",
+                    {"tooltip": f"Optional sampler (e.g. from KSamplerSelect); without it: {DEFAULT_REFINE_SAMPLER}."},
+                ),
+            },
+        }
+
+    def refine(
+        self,
+        model: Any,
+        positive: Any,
+        negative: Any,
+        preview_state: Any,
+        approve: bool,
+        select: str,
+        steps: int,
+        cfg: float,
+        scheduler: str,
+        sampler: Any = None,
+    ) -> tuple[Any]:
+        if not approve:
+            from comfy_execution.graph_utils import ExecutionBlocker
+
+            # Blocks everything downstream without an error; the preview stays cached for when it is approved.
+            return (ExecutionBlocker(None),)
+        return (
+            _runtime().run_refine(model, positive, negative, preview_state, select, steps, cfg, scheduler, sampler),
+        )
+
+
+NODE_CLASS_MAPPINGS = {
+    "ConsistencySolverCoefficients": ConsistencySolverCoefficients,
+    "SamplerConsistencySolver": SamplerConsistencySolver,
+    "DiffusionPreview": DiffusionPreview,
+    "DiffusionRefine": DiffusionRefine,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "ConsistencySolverCoefficients": "Consistency Solver Coefficients",
+    "SamplerConsistencySolver": "Consistency Solver Sampler",
+    "DiffusionPreview": "Diffusion Preview (fast draft)",
+    "DiffusionRefine": "Diffusion Refine (final render)",
+}

@@ -1,0 +1,208 @@
+"""Everything that needs ComfyUI: sampler registration, the model-folder, and the Preview/Refine runs.
+
+Imported only from ``register()`` and from node functions, i.e. inside a running ComfyUI.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import comfy.k_diffusion.sampling
+import comfy.model_sampling
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import folder_paths
+import latent_preview
+import torch
+
+from ..solver import CoefficientSource
+from ..solver import sample_consistency_solver as solver_sample
+from .coefficients import BUNDLED_DIR, FOLDER_NAME, CoefficientSelection, resolve_coefficients
+from .preview_state import (
+    DEFAULT_REFINE_SAMPLER,
+    PreviewState,
+    check_state_fits,
+    parse_selection,
+    sampling_fingerprint,
+    select_previews,
+)
+
+SAMPLER_NAME = "consistency_solver"
+_FINGERPRINT_PERCENTS = (0.25, 0.5, 0.75)
+_BY_NAME = CoefficientSelection()  # what KSampler's sampler list gets: auto, stored mode, trained steps only
+
+
+def register() -> None:
+    """Make ``consistency_solver`` a stock sampler name and ``models/consistency_solver`` a model folder.
+
+    The lists are extended in place: KSampler, KSamplerAdvanced and KSamplerSelect read the very
+    objects ``comfy.samplers.SAMPLER_NAMES`` / ``KSampler.SAMPLERS`` every time they build their
+    inputs. Safe to call again (ComfyUI and the tests may both import the pack).
+    """
+    setattr(comfy.k_diffusion.sampling, f"sample_{SAMPLER_NAME}", sample_consistency_solver)
+    for names in (comfy.samplers.KSAMPLER_NAMES, comfy.samplers.SAMPLER_NAMES):
+        if SAMPLER_NAME not in names:
+            names.append(SAMPLER_NAME)
+    register_model_folder()
+
+
+def register_model_folder() -> None:
+    """``models/consistency_solver`` plus the pack's bundled files, listing ``.safetensors`` only."""
+    user_folder = os.path.join(folder_paths.models_dir, FOLDER_NAME)
+    # extra_model_paths.yaml may have declared the key already: keep its paths, add ours.
+    paths = folder_paths.folder_names_and_paths.get(FOLDER_NAME, ([], set()))[0]
+    for path in (user_folder, os.fspath(BUNDLED_DIR)):
+        if path not in paths:
+            paths.append(path)
+    folder_paths.folder_names_and_paths[FOLDER_NAME] = (paths, {".safetensors"})
+
+
+def locate_file(name: str) -> str:
+    return folder_paths.get_full_path_or_raise(FOLDER_NAME, name)
+
+
+def model_kind(model_sampling: Any) -> str:
+    """``flow`` for CONST (SD3, Flux, ...), else ``eps`` (EPS and V-prediction share the ODE in sigma)."""
+    return "flow" if isinstance(model_sampling, comfy.model_sampling.CONST) else "eps"
+
+
+def coefficients_for(model_sampling: Any, selection: CoefficientSelection) -> CoefficientSource:
+    return resolve_coefficients(selection, model_kind(model_sampling), locate_file)
+
+
+def sample_consistency_solver(
+    model: Any,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: dict[str, Any] | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    disable: bool | None = None,
+    selection: CoefficientSelection = _BY_NAME,
+) -> torch.Tensor:
+    """The ComfyUI sampler: reads the model sampling behind KSamplerX0Inpaint to pick matching coefficients.
+
+    By name (KSampler's list) it gets no options and uses the pack's default file for the model family;
+    SamplerConsistencySolver and DiffusionPreview pass their ``selection``.
+    """
+    model_sampling = model.inner_model.model_patcher.get_model_object("model_sampling")
+    coefficients = coefficients_for(model_sampling, selection)
+    return solver_sample(
+        model,
+        x,
+        sigmas,
+        extra_args,
+        callback,
+        disable,
+        coefficients=coefficients,
+        model_sampling=model_sampling,
+    )
+
+
+def consistency_sampler(selection: CoefficientSelection) -> comfy.samplers.KSAMPLER:
+    return comfy.samplers.KSAMPLER(sample_consistency_solver, extra_options={"selection": selection})
+
+
+def ksampler_sigmas(model: Any, steps: int, scheduler: str, denoise: float) -> torch.Tensor:
+    """The sigmas the stock KSampler uses for (steps, scheduler, denoise), by asking ComfyUI's own KSampler."""
+    if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
+        # KSampler would silently switch to its first scheduler.
+        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {comfy.samplers.KSampler.SCHEDULERS}")
+    sampler = comfy.samplers.KSampler(model, steps=steps, device="cpu", scheduler=scheduler, denoise=denoise)
+    return sampler.sigmas
+
+
+def fingerprint(model: Any) -> str:
+    model_sampling = model.get_model_object("model_sampling")
+    latent_format = model.get_model_object("latent_format")
+    points = [float(model_sampling.sigma_max), float(model_sampling.sigma_min)]
+    points += [float(model_sampling.percent_to_sigma(p)) for p in _FINGERPRINT_PERCENTS]
+    type_names = [base.__name__ for base in type(model_sampling).__bases__]
+    return sampling_fingerprint(model_kind(model_sampling), type_names, points, type(latent_format).__name__)
+
+
+def sample_latent(
+    model: Any,
+    noise: torch.Tensor,
+    latent: dict[str, Any],
+    sampler: Any,
+    sigmas: torch.Tensor,
+    cfg: float,
+    positive: Any,
+    negative: Any,
+    seed: int,
+) -> dict[str, Any]:
+    """One sampling run as ComfyUI's SamplerCustom does it: progress bar, interrupt, inpaint mask."""
+    callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
+    samples = comfy.sample.sample_custom(
+        model,
+        noise,
+        cfg,
+        sampler,
+        sigmas,
+        positive,
+        negative,
+        latent["samples"],
+        noise_mask=latent.get("noise_mask"),
+        callback=callback,
+        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
+        seed=seed,
+    )
+    out = dict(latent)
+    out["samples"] = samples
+    return out
+
+
+def run_preview(
+    model: Any,
+    positive: Any,
+    negative: Any,
+    latent_image: dict[str, Any],
+    seed: int,
+    steps: int,
+    cfg: float,
+    scheduler: str,
+    denoise: float,
+    selection: CoefficientSelection,
+) -> tuple[dict[str, Any], PreviewState]:
+    """Few-step ConsistencySolver preview; its noise is exactly what the stock KSampler draws for this seed."""
+    latent = dict(latent_image)
+    latent["samples"] = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
+    noise = comfy.sample.prepare_noise(latent["samples"], seed, latent.get("batch_index"))
+    sigmas = ksampler_sigmas(model, steps, scheduler, denoise)
+    preview = sample_latent(model, noise, latent, consistency_sampler(selection), sigmas, cfg, positive, negative, seed)
+    state = PreviewState(
+        seed=seed,
+        noise=noise,
+        latent=latent,
+        steps=steps,
+        scheduler=scheduler,
+        cfg=cfg,
+        denoise=denoise,
+        sigmas=sigmas.cpu(),
+        model_fingerprint=fingerprint(model),
+        coefficients=selection.choice,
+    )
+    return preview, state
+
+
+def run_refine(
+    model: Any,
+    positive: Any,
+    negative: Any,
+    state: PreviewState,
+    select: str,
+    steps: int,
+    cfg: float,
+    scheduler: str,
+    sampler: Any = None,
+) -> dict[str, Any]:
+    """The full render of the chosen previews from their own noise: equal to the stock KSampler for that seed."""
+    latent_channels = model.get_model_object("latent_format").latent_channels
+    check_state_fits(state, fingerprint(model), latent_channels)
+    chosen = select_previews(state, parse_selection(select, state.batch_size))
+    sigmas = ksampler_sigmas(model, steps, scheduler, state.denoise)
+    sampler = sampler if sampler is not None else comfy.samplers.sampler_object(DEFAULT_REFINE_SAMPLER)
+    return sample_latent(model, chosen.noise, chosen.latent, sampler, sigmas, cfg, positive, negative, state.seed)
