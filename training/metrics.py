@@ -32,7 +32,7 @@ def consistency_rmse(previews: Tensor, references: Tensor) -> float:
 
 def psnr(previews: Tensor, references: Tensor, data_range: float) -> Tensor:
     """Peak signal-to-noise ratio in dB of each sample, [n]; ``data_range`` is max - min of the data (2 for [-1, 1])."""
-    from torchmetrics.functional import peak_signal_noise_ratio
+    from torchmetrics.functional.image import peak_signal_noise_ratio
 
     dims = tuple(range(1, previews.dim()))
     return peak_signal_noise_ratio(
@@ -42,7 +42,7 @@ def psnr(previews: Tensor, references: Tensor, data_range: float) -> Tensor:
 
 def ssim(previews: Tensor, references: Tensor, data_range: float) -> Tensor:
     """Structural similarity of each image, [n]; images are [n, C, H, W] with H, W >= 28."""
-    from torchmetrics.functional import structural_similarity_index_measure
+    from torchmetrics.functional.image import structural_similarity_index_measure
 
     if previews.dim() != 4 or min(previews.shape[-2:]) < SSIM_MIN_SIZE:
         raise ValueError(
