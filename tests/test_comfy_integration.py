@@ -1,0 +1,194 @@
+"""The pack inside the real ComfyUI runtime (in-process), with tiny models: every stock sampling path."""
+
+import pytest
+import torch
+from fixtures.comfyui import require_comfyui
+
+require_comfyui()
+
+import comfy.k_diffusion.sampling  # noqa: E402
+import comfy.samplers  # noqa: E402
+import comfy.utils  # noqa: E402
+import folder_paths  # noqa: E402
+from comfy_execution.graph_utils import ExecutionBlocker  # noqa: E402
+from comfy_extras import nodes_custom_sampler  # noqa: E402
+from fixtures import tiny_models  # noqa: E402
+
+import nodes  # noqa: E402  (ComfyUI's nodes.py, loaded by require_comfyui)
+from consistency_solver.nodes import coefficients, register, runtime  # noqa: E402
+from consistency_solver.nodes.definitions import (  # noqa: E402
+    DiffusionPreview,
+    DiffusionRefine,
+    SamplerConsistencySolver,
+)
+from consistency_solver.solver import Preset, TableCoefficients, sample_consistency_solver, save_coefficients  # noqa: E402
+
+torch.set_num_threads(1)
+register()
+POSITIVE, NEGATIVE = tiny_models.random_conditioning(1), tiny_models.random_conditioning(2)
+# A distinctive table: if ComfyUI silently ran euler instead, results would differ.
+WEIGHTS = {n: torch.tensor([[1.0, 0.0]] + [[1.7, -0.7]] * (n - 1), dtype=torch.float64) for n in (4, 5, 6, 8)}
+
+
+@pytest.fixture
+def bundled(tmp_path, monkeypatch):
+    """The pack's default files for both families, as engineer D's trainer will ship them."""
+    monkeypatch.setattr(coefficients, "BUNDLED_DIR", tmp_path)
+    for kind in ("eps", "flow"):
+        save_coefficients(tmp_path / f"default-{kind}.safetensors", TableCoefficients(WEIGHTS, 2), model_family="any")
+    return tmp_path
+
+
+def empty_latent(batch=2, size=8):
+    return {"samples": torch.zeros(batch, 4, size, size)}
+
+
+def ksampler(model, latent, sampler_name, steps=6, seed=5, cfg=4.0, scheduler="karras", denoise=1.0):
+    return nodes.KSampler().sample(model, seed, steps, cfg, sampler_name, scheduler, POSITIVE, NEGATIVE, latent,
+                                   denoise=denoise)[0]  # fmt: skip
+
+
+def preview(model, latent, steps=6, seed=5, cfg=4.0, scheduler="karras", denoise=1.0, choice="auto"):
+    return DiffusionPreview().preview(model, POSITIVE, NEGATIVE, latent, seed, steps, cfg, scheduler, denoise, choice)
+
+
+def refine(model, state, steps=6, select="all", sampler=None, cfg=4.0, scheduler="karras"):
+    return DiffusionRefine().refine(model, POSITIVE, NEGATIVE, state, True, select, steps, cfg, scheduler, sampler)[0]
+
+
+def test_registration_is_in_place_and_idempotent():
+    register()
+    assert comfy.samplers.KSampler.SAMPLERS is comfy.samplers.SAMPLER_NAMES
+    assert comfy.samplers.SAMPLER_NAMES.count("consistency_solver") == 1
+    assert comfy.samplers.KSAMPLER_NAMES.count("consistency_solver") == 1
+    assert "consistency_solver" in nodes.KSampler.INPUT_TYPES()["required"]["sampler_name"][0]
+    assert "consistency_solver" in nodes.KSamplerAdvanced.INPUT_TYPES()["required"]["sampler_name"][0]
+    assert "consistency_solver" in nodes_custom_sampler.KSamplerSelect.INPUT_TYPES()["required"]["sampler_name"][0]
+    assert comfy.k_diffusion.sampling.sample_consistency_solver is runtime.sample_consistency_solver
+    paths, extensions = folder_paths.folder_names_and_paths["consistency_solver"]
+    assert extensions == {".safetensors"} and paths.count(str(coefficients.BUNDLED_DIR)) == 1
+
+
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+def test_ksampler_by_name_runs_the_solver_with_the_default_file(kind, bundled, monkeypatch):
+    """Exact Gaussian model: KSampler's result equals the solver called directly on the same start."""
+    calls = []
+    monkeypatch.setattr(runtime, "solver_sample", lambda *a, **k: calls.append(k) or sample_consistency_solver(*a, **k))
+    model = tiny_models.gaussian_model(kind)
+    out = ksampler(model, empty_latent(), "consistency_solver")["samples"]
+    assert len(calls) == 1 and calls[0]["coefficients"].tables[6][1, 0] == 1.7
+    assert calls[0]["model_sampling"] is model.get_model_object("model_sampling")
+
+    model_sampling = model.get_model_object("model_sampling")
+    sigmas = runtime.ksampler_sigmas(model, 6, "karras", 1.0)
+    noise = comfy.sample.prepare_noise(torch.zeros(2, 4, 8, 8), 5)
+    start = model_sampling.noise_scaling(sigmas[0], noise, torch.zeros_like(noise), max_denoise=True)
+
+    def denoiser(x, sigma):
+        return tiny_models.exact_denoised(x, sigma.view(-1, 1, 1, 1), kind, 0.3, 0.8)
+
+    direct = sample_consistency_solver(denoiser, start, sigmas, coefficients=TableCoefficients(WEIGHTS, 2))
+    torch.testing.assert_close(model.model.process_latent_in(out), direct, atol=1e-5, rtol=1e-5)
+
+
+def test_without_the_default_file_ksampler_names_the_missing_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(coefficients, "BUNDLED_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match="default-eps.safetensors"):
+        ksampler(tiny_models.gaussian_model("eps"), empty_latent(), "consistency_solver")
+
+
+@pytest.mark.parametrize("kind", ["eps", "v", "flow"])
+def test_preview_and_refine_share_noise_and_refine_equals_stock_ksampler(kind, bundled):
+    model = tiny_models.tiny_unet_model(kind)
+    latent = empty_latent()
+    preview_latent, state = preview(model, latent)
+    assert torch.equal(state.noise, comfy.sample.prepare_noise(latent["samples"], 5))
+    # The preview is exactly KSampler with consistency_solver (same noise, sigmas and coefficients).
+    assert torch.equal(preview_latent["samples"], ksampler(model, latent, "consistency_solver")["samples"])
+    assert torch.equal(refine(model, state, steps=8)["samples"], ksampler(model, latent, "dpmpp_2m", 8)["samples"])
+    euler = nodes_custom_sampler.KSamplerSelect().get_sampler("euler")[0]
+    assert torch.equal(refine(model, state, sampler=euler)["samples"], ksampler(model, latent, "euler")["samples"])
+
+
+def test_refine_selects_previews_from_a_batch(bundled):
+    model = tiny_models.tiny_unet_model("eps")
+    latent = empty_latent(batch=3)
+    _, state = preview(model, latent)
+    picked = refine(model, state, select="0,2")["samples"]
+    full = ksampler(model, latent, "dpmpp_2m")["samples"]
+    torch.testing.assert_close(picked, full[[0, 2]], atol=1e-5, rtol=1e-4)
+
+
+def test_denoise_below_one_and_an_inpainting_mask(bundled):
+    model = tiny_models.tiny_unet_model("eps")
+    source = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:6, 2:6] = 1.0
+    for latent in ({"samples": source}, {"samples": source, "noise_mask": mask}):
+        preview_latent, state = preview(model, latent, denoise=0.6)
+        assert state.sigmas[0] < model.get_model_object("model_sampling").sigma_max  # img2img starts lower
+        assert torch.isfinite(preview_latent["samples"]).all()
+        stock = ksampler(model, latent, "dpmpp_2m", denoise=0.6)
+        assert torch.equal(refine(model, state)["samples"], stock["samples"])
+    # Outside the mask the source latent is kept, as with every stock sampler.
+    torch.testing.assert_close(preview_latent["samples"][..., 0, :], source[..., 0, :])
+
+
+def test_a_five_dimensional_latent(bundled):
+    model = tiny_models.gaussian_model("flow", latent_format=tiny_models.video_latent_format())
+    latent = {"samples": torch.zeros(1, 16, 3, 4, 4)}
+    preview_latent, state = preview(model, latent)
+    assert preview_latent["samples"].shape == (1, 16, 3, 4, 4) and state.noise.shape == (1, 16, 3, 4, 4)
+    assert torch.equal(refine(model, state)["samples"], ksampler(model, latent, "dpmpp_2m")["samples"])
+
+
+def test_ksampler_advanced_and_sampler_custom_advanced(bundled):
+    model = tiny_models.tiny_unet_model("eps")
+    latent = empty_latent()
+    advanced = nodes.KSamplerAdvanced().sample(
+        model, "enable", 5, 8, 4.0, "consistency_solver", "karras", POSITIVE, NEGATIVE, latent, 2, 6, "disable"
+    )[0]["samples"]
+    assert torch.isfinite(advanced).all()
+    sampler = SamplerConsistencySolver().get_sampler("ab2", "as stored in the file", False)[0]
+    guider = nodes_custom_sampler.CFGGuider().get_guider(model, POSITIVE, NEGATIVE, 4.0)[0]
+    sigmas = nodes_custom_sampler.BasicScheduler().get_sigmas(model, "karras", 6, 1.0)[0]
+    noise = nodes_custom_sampler.RandomNoise().get_noise(5)[0]
+    custom = nodes_custom_sampler.SamplerCustomAdvanced().sample(noise, guider, sampler, sigmas, latent)[0]["samples"]
+    model_sampling = model.get_model_object("model_sampling")
+    direct = comfy.sample.sample_custom(
+        model, noise.generate_noise(latent), 4.0, runtime.consistency_sampler(runtime.CoefficientSelection("ab2")),
+        sigmas, POSITIVE, NEGATIVE, latent["samples"], seed=5,
+    )  # fmt: skip
+    assert torch.equal(custom, direct) and model_sampling is not None
+    assert isinstance(runtime.coefficients_for(model_sampling, runtime.CoefficientSelection("ab2")), Preset)
+
+
+def test_progress_is_reported_every_step(bundled):
+    updates = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: updates.append((value, total)))
+    try:
+        preview(tiny_models.tiny_unet_model("eps"), empty_latent(), steps=5)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert updates == [(i, 5) for i in range(1, 6)]
+
+
+def test_refine_blocks_until_approved_and_refuses_a_foreign_state(bundled):
+    eps_model = tiny_models.tiny_unet_model("eps")
+    _, state = preview(eps_model, empty_latent())
+    (blocked,) = DiffusionRefine().refine(eps_model, POSITIVE, NEGATIVE, state, False, "all", 30, 4.0, "karras")
+    assert isinstance(blocked, ExecutionBlocker) and blocked.message is None
+    with pytest.raises(ValueError, match="different model sampling"):
+        refine(tiny_models.tiny_unet_model("flow"), state)
+    with pytest.raises(ValueError, match=r"different model sampling .*SD15\).*Wan21"):
+        refine(tiny_models.gaussian_model("eps", latent_format=tiny_models.video_latent_format()), state)
+
+
+def test_a_file_for_eps_models_is_refused_for_a_flow_model(tmp_path, monkeypatch):
+    save_coefficients(tmp_path / "sd15.safetensors", TableCoefficients(WEIGHTS, 2), model_family="sd15-eps")
+    paths = folder_paths.folder_names_and_paths["consistency_solver"]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "consistency_solver", ([str(tmp_path)], paths[1]))
+    with pytest.raises(ValueError, match="made for eps models"):
+        preview(tiny_models.gaussian_model("flow"), empty_latent(), choice="sd15.safetensors")
+    preview_latent, _ = preview(tiny_models.gaussian_model("eps"), empty_latent(), choice="sd15.safetensors")
+    assert torch.isfinite(preview_latent["samples"]).all()
