@@ -1,0 +1,54 @@
+"""Training and held-out reference sets for the built-in test beds (the one generator: training/references.py)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..references import held_out_seeds, reference_finals, seeded_batch, training_seeds
+from ..testbeds import get_testbed
+from ..testbeds.base import TestBed
+from .loop import Problem, ReferenceSet
+from .rewards import Reward
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "consistency-solver" / "references"
+
+
+@dataclass(frozen=True)
+class ReferenceSettings:
+    method: str = "multistep"  # a 40-step high-order multistep final, the benchmark's reference
+    steps: int = 40
+    train_count: int = 256
+    held_out_count: int = 128
+    cache_dir: str | None = None  # None: default_cache_dir()
+
+
+def reference_set(bed: TestBed, seeds: list[int], settings: ReferenceSettings) -> ReferenceSet:
+    noises, labels = seeded_batch(bed, seeds)
+    with torch.no_grad():
+        finals = reference_finals(
+            bed,
+            noises,
+            labels,
+            method=settings.method,
+            steps=settings.steps,
+            cache_dir=settings.cache_dir or default_cache_dir(),
+        )
+    return ReferenceSet(noises, labels, finals)
+
+
+def testbed_problem(name: str, reward: Reward, settings: ReferenceSettings) -> Problem:
+    """A built-in bed with training noises (seeds < 10_000) and held-out noises (seeds >= 10_000)."""
+    bed = get_testbed(name)
+    return Problem(
+        bed=bed,
+        train=reference_set(bed, training_seeds(settings.train_count), settings),
+        held_out=reference_set(bed, held_out_seeds(settings.held_out_count), settings),
+        reward=reward,
+    )

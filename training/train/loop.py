@@ -1,0 +1,375 @@
+"""The training loop: plan an update, roll out, score, update the policy, checkpoint, evaluate, export.
+
+Determinism: everything random in update ``u`` comes from generators seeded by (seed, u, group), and
+the plan of an update (which problem, which sample, which step count) is drawn identically on every
+rank. So a run is a pure function of its seed and config, a resumed run equals an uninterrupted one,
+and a ``torchrun`` run equals a single-process run with the same config (only float summation order
+differs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ...solver import ConsistencyPolicy, PolicyCoefficients, active_action_mask, sample_consistency_solver
+from ...solver.coefficients import CoefficientSource, history_lengths
+from ..metrics import consistency_rmse
+from . import distributed
+from .direct import direct_loss
+from .ppo import Group, PPOSettings, group_advantages, group_loss, log_probs_and_entropy
+from .rewards import Reward
+from .rollout import indices_to_weights, sample_action_indices, step_features, unroll
+
+MODES = ("ppo", "direct")
+# The released code's inference read-out differs per mode: PPO learns a sharp categorical (argmax),
+# the direct mode optimises the expectation itself.
+INFERENCE_MODE = {"ppo": "mode", "direct": "expectation"}
+# A backward pass through a model call costs about two forward calls; the cost we report counts it so.
+BACKWARD_COST = 2
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    mode: str = "ppo"
+    steps: tuple[int, ...] = tuple(range(4, 13))
+    updates: int = 200
+    lr: float = 1e-3
+    weight_decay: float = 1e-3
+    grad_clip: float = 1.0
+    groups: int = 4  # ppo: groups of rollouts per update
+    batch: int = 8  # direct: samples per step count per update
+    order: int = 4
+    bins: int = 21
+    hidden: int = 256
+    time_features: str = "log_sigma"
+    seed: int = 0
+    ppo: PPOSettings = field(default_factory=PPOSettings)
+    eval_steps: tuple[int, ...] = (5, 8)
+    eval_every: int = 0  # 0: evaluate held-out only before and after training
+    checkpoint_every: int = 50
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; modes: {', '.join(MODES)}")
+        if not self.steps or min(self.steps) < 1:
+            raise ValueError(f"steps must be positive step counts, got {self.steps}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        values = dict(values)
+        values["ppo"] = PPOSettings(**values["ppo"])
+        for key in ("steps", "eval_steps"):
+            values[key] = tuple(values[key])
+        return cls(**values)
+
+
+@dataclass
+class ReferenceSet:
+    """Fixed starting noises, their conditions (labels or None) and the reference finals from the same noises."""
+
+    noises: torch.Tensor
+    labels: torch.Tensor | None
+    finals: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.noises)
+
+    def take(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        labels = None if self.labels is None else self.labels[index]
+        return self.noises[index], labels, self.finals[index]
+
+
+@dataclass
+class Problem:
+    """One model to train for: a test bed (or anything with its interface) and its reference sets."""
+
+    bed: Any  # .model(labels), .sigmas(steps), .initial_state(noise, sigmas), .model_family
+    train: ReferenceSet
+    held_out: ReferenceSet
+    reward: Reward
+    sigma_to_timestep: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+@dataclass
+class TrainState:
+    policy: ConsistencyPolicy
+    optimizer: torch.optim.Optimizer
+    update: int = 0
+    evaluations: int = 0  # model evaluations per sample (a CFG'd call counts once), backward included
+    forward_evaluations: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    initial_held_out: dict[str, dict[int, float]] = field(default_factory=dict)
+
+
+def build_policy(config: TrainConfig) -> ConsistencyPolicy:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return ConsistencyPolicy(order=config.order, bins=config.bins, hidden=config.hidden)
+
+
+def new_state(config: TrainConfig) -> TrainState:
+    policy = build_policy(config)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return TrainState(policy=policy, optimizer=optimizer)
+
+
+def generator(seed: int, *keys: int) -> torch.Generator:
+    """A generator for one purpose of one update: seeded from the run seed and the given keys."""
+    mixed = seed
+    for key in keys:
+        mixed = (mixed * 1_000_003 + key + 1) % (2**63 - 1)
+    return torch.Generator().manual_seed(mixed)
+
+
+def coefficients(policy: ConsistencyPolicy, config: TrainConfig) -> PolicyCoefficients:
+    """The policy as the sampler and the coefficient file see it."""
+    return PolicyCoefficients(
+        policy=policy,
+        time_features=config.time_features,
+        trained_steps=tuple(sorted(config.steps)),
+        mode=INFERENCE_MODE[config.mode],
+    )
+
+
+# --- rolling out and updating -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    problem: int
+    samples: tuple[int, ...]
+    steps: int
+    key: int  # seeds this group's action draws
+
+
+def plan_update(config: TrainConfig, problems: list[Problem], update: int) -> list[GroupPlan]:
+    """What update ``update`` works on, the same on every rank.
+
+    PPO: ``groups`` groups, each one training sample at a random step count. Direct: one batch of
+    ``batch`` samples for *every* step count, so each gradient weighs all step counts alike (one
+    shared network serves them all, and single-count steps pull it back and forth).
+    """
+    rng = generator(config.seed, update, 0)
+    if config.mode == "ppo":
+        draws = torch.randint(len(config.steps), (config.groups,), generator=rng)
+        counts = [config.steps[int(i)] for i in draws]
+        size = 1
+    else:
+        counts, size = list(config.steps), config.batch
+    plans = []
+    for key, steps in enumerate(counts):
+        problem = int(torch.randint(len(problems), (1,), generator=rng))
+        samples = torch.randint(len(problems[problem].train), (size,), generator=rng)
+        plans.append(GroupPlan(problem, tuple(samples.tolist()), steps, key + 1))
+    return plans
+
+
+def roll_out_group(
+    policy: ConsistencyPolicy, problem: Problem, plan: GroupPlan, config: TrainConfig, update: int
+) -> Group:
+    """``rollouts`` previews of one (condition, noise, steps) with per-rollout sampled actions, scored."""
+    rollouts = config.ppo.rollouts
+    sigmas = problem.bed.sigmas(plan.steps)
+    features = step_features(sigmas, config.time_features, problem.sigma_to_timestep)
+    with torch.no_grad():
+        logits = policy(features)
+        indices = sample_action_indices(logits, rollouts, generator(config.seed, update, plan.key))
+        active = active_action_mask(history_lengths(plan.steps, policy.order), policy.order)
+        old_log_probs, _ = log_probs_and_entropy(logits, indices, active)
+        noise, labels, final = problem.train.take(torch.tensor(plan.samples))
+        repeat = (rollouts,) + (1,) * (noise.dim() - 1)
+        labels = None if labels is None else labels.repeat(rollouts)
+        x = problem.bed.initial_state(noise.repeat(repeat), sigmas)
+        previews = unroll(problem.bed.model(labels), x, sigmas, indices_to_weights(policy, indices))
+        rewards = problem.reward(previews, final.to(previews.dtype).expand_as(previews)).double()
+    advantages = group_advantages(rewards, config.ppo.std_floor).float()
+    return Group(features, indices, active, old_log_probs, advantages, rewards)
+
+
+def reduced_step(state: TrainState, loss: torch.Tensor, config: TrainConfig) -> None:
+    state.optimizer.zero_grad(set_to_none=False)
+    loss.backward()
+    distributed.all_reduce_gradients(state.policy)
+    torch.nn.utils.clip_grad_norm_(state.policy.parameters(), config.grad_clip)
+    state.optimizer.step()
+
+
+def ppo_update(state: TrainState, problems: list[Problem], plans: list[GroupPlan], config: TrainConfig) -> float:
+    """Roll out this rank's groups, then ``epochs`` clipped updates; returns the mean reward over all ranks."""
+    mine = distributed.shard(plans)
+    groups = [roll_out_group(state.policy, problems[p.problem], p, config, state.update) for p in mine]
+    for _ in range(config.ppo.epochs):
+        loss = sum((group_loss(state.policy, g, config.ppo) for g in groups), torch.zeros(()))
+        reduced_step(state, loss / len(plans), config)
+    reward_sum = sum(float(g.rewards.mean()) for g in groups)
+    return distributed.all_reduce_sum(reward_sum) / len(plans)
+
+
+def direct_update(state: TrainState, problems: list[Problem], plans: list[GroupPlan], config: TrainConfig) -> float:
+    """One gradient step on the batches of all step counts; returns the mean reward over them."""
+    state.optimizer.zero_grad(set_to_none=False)
+    reward_sum = 0.0
+    for plan in plans:
+        problem = problems[plan.problem]
+        sigmas = problem.bed.sigmas(plan.steps)
+        features = step_features(sigmas, config.time_features, problem.sigma_to_timestep)
+        noise, labels, finals = problem.train.take(torch.tensor(distributed.shard(list(plan.samples))))
+        loss, rewards = direct_loss(
+            state.policy,
+            problem.bed.model(labels),
+            problem.bed.initial_state(noise, sigmas),
+            sigmas,
+            features,
+            finals,
+            problem.reward,
+            gradient_checkpointing=config.gradient_checkpointing,
+        )
+        # Dividing by |total reward| makes each step count's term scale-free (the gradient of
+        # log|total| for the RMSE reward): few-step runs with large errors and beds of different
+        # scales weigh alike.
+        total = distributed.all_reduce_sum(float(rewards.sum()))
+        (loss / (abs(total) * len(plans))).backward()
+        reward_sum += total / len(plan.samples)
+    distributed.all_reduce_gradients(state.policy)
+    torch.nn.utils.clip_grad_norm_(state.policy.parameters(), config.grad_clip)
+    state.optimizer.step()
+    return reward_sum / len(plans)
+
+
+def evaluation_cost(plans: list[GroupPlan], config: TrainConfig) -> tuple[int, int]:
+    """(forward model evaluations, evaluation equivalents with backward passes) of one update, per sample."""
+    if config.mode == "ppo":
+        forward = sum(config.ppo.rollouts * p.steps for p in plans)
+        return forward, forward
+    forward = sum(len(p.samples) * p.steps for p in plans)
+    return forward, forward * (1 + BACKWARD_COST)
+
+
+# --- evaluation -------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def held_out_rmse(source: CoefficientSource, problem: Problem, steps: int) -> float:
+    """Consistency RMSE of the inference sampler with ``source`` on the problem's held-out noises."""
+    sigmas = problem.bed.sigmas(steps)
+    noises, labels, finals = problem.held_out.noises, problem.held_out.labels, problem.held_out.finals
+    x = problem.bed.initial_state(noises, sigmas)
+    sampler_schedule = None if problem.sigma_to_timestep is None else _Timesteps(problem.sigma_to_timestep)
+    previews = sample_consistency_solver(
+        problem.bed.model(labels), x, sigmas, disable=True, coefficients=source, model_sampling=sampler_schedule
+    )
+    return consistency_rmse(previews, finals)
+
+
+@dataclass(frozen=True)
+class _Timesteps:
+    timestep: Callable[[torch.Tensor], torch.Tensor]
+
+
+def evaluate_policy(policy: ConsistencyPolicy, problems: list[Problem], config: TrainConfig) -> dict[int, float]:
+    """Held-out RMSE per evaluation step count, averaged over the problems."""
+    source = coefficients(policy, config)
+    steps = [n for n in config.eval_steps if n in config.steps] or list(config.steps)
+    return {n: sum(held_out_rmse(source, p, n) for p in problems) / len(problems) for n in steps}
+
+
+# --- checkpoints and the loop -----------------------------------------------------------------------
+
+
+def save_checkpoint(path: str | os.PathLike, state: TrainState, config: TrainConfig) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(f"{os.fspath(path)}.tmp")
+    torch.save(
+        {
+            "config": config.as_dict(),
+            "policy": state.policy.state_dict(),
+            "optimizer": state.optimizer.state_dict(),
+            "update": state.update,
+            "evaluations": state.evaluations,
+            "forward_evaluations": state.forward_evaluations,
+            "history": state.history,
+            "initial_held_out": {k: {str(n): v for n, v in d.items()} for k, d in state.initial_held_out.items()},
+        },
+        temporary,
+    )
+    temporary.replace(path)  # never leave a half-written checkpoint behind
+
+
+def load_checkpoint(path: str | os.PathLike, config: TrainConfig) -> TrainState:
+    """Restore a run; the config must match except for the number of updates (a run may be extended)."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    stored = TrainConfig.from_dict(saved["config"])
+    if dataclasses.replace(stored, updates=config.updates) != config:
+        differences = {
+            k: (v, getattr(config, k)) for k, v in dataclasses.asdict(stored).items() if getattr(config, k) != v
+        }
+        raise ValueError(
+            f"checkpoint {os.fspath(path)!r} was written with a different configuration {differences} "
+            "(stored, requested); resume with the same options or start a new run without --resume"
+        )
+    state = new_state(config)
+    state.policy.load_state_dict(saved["policy"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.update = saved["update"]
+    state.evaluations = saved["evaluations"]
+    state.forward_evaluations = saved["forward_evaluations"]
+    state.history = saved["history"]
+    state.initial_held_out = {k: {int(n): v for n, v in d.items()} for k, d in saved["initial_held_out"].items()}
+    return state
+
+
+def train(
+    config: TrainConfig,
+    problems: list[Problem],
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> TrainState:
+    """Train a policy; with ``checkpoint`` the run is saved every ``checkpoint_every`` updates and at the end.
+
+    ``resume`` continues from ``checkpoint`` when it exists. ``stop_after`` ends the run early after that
+    many updates (as an interruption would), leaving a checkpoint to resume from.
+    """
+    if resume and checkpoint is not None and Path(checkpoint).exists():
+        state = load_checkpoint(checkpoint, config)
+    else:
+        state = new_state(config)
+    leader = distributed.rank() == 0
+    if leader and not state.initial_held_out:
+        state.initial_held_out = {"policy": evaluate_policy(state.policy, problems, config)}
+    last = config.updates if stop_after is None else min(config.updates, stop_after)
+    bar = tqdm(range(state.update, last), disable=not (progress and leader), desc=f"training ({config.mode})")
+    for update in bar:
+        plans = plan_update(config, problems, update)
+        step = ppo_update if config.mode == "ppo" else direct_update
+        reward = step(state, problems, plans, config)
+        forward, equivalents = evaluation_cost(plans, config)
+        state.update = update + 1
+        state.forward_evaluations += forward
+        state.evaluations += equivalents
+        record = {"update": state.update, "reward": reward, "evaluations": state.evaluations}
+        if config.eval_every and (state.update % config.eval_every == 0 or state.update == config.updates) and leader:
+            record["held_out"] = _mean(evaluate_policy(state.policy, problems, config))
+        state.history.append(record)
+        bar.set_postfix(reward=f"{reward:.4f}", evals=state.evaluations)
+        if checkpoint is not None and leader and (state.update % config.checkpoint_every == 0 or state.update == last):
+            save_checkpoint(checkpoint, state, config)
+    return state
+
+
+def _mean(values: dict[int, float]) -> float:
+    return sum(values.values()) / len(values) if values else math.nan
