@@ -1,0 +1,84 @@
+"""End to end through a real headless ComfyUI server: the pack loads, its nodes validate and run over HTTP."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures.comfyui import require_comfyui
+from fixtures.example_workflows import EXAMPLES, EXAMPLES_DIR, stand_in_models
+from safetensors.torch import load_file
+
+from consistency_solver.solver import TableCoefficients, save_coefficients
+
+require_comfyui()
+
+from fixtures.comfy_server import ComfyServer  # noqa: E402
+from fixtures.workflows import check_workflow  # noqa: E402
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+COEFFICIENT_FILE = "test-table.safetensors"
+OUR_NODES = ("ConsistencySolverCoefficients", "SamplerConsistencySolver", "DiffusionPreview", "DiffusionRefine")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfyui")
+    stand_in_models(base)
+    table = torch.tensor([[1.0, 0.0]] + [[1.5, -0.5]] * 3, dtype=torch.float64)
+    coefficients = TableCoefficients(tables={4: table}, order=2)
+    save_coefficients(base / "models" / "consistency_solver" / COEFFICIENT_FILE, coefficients, model_family="any")
+    running = ComfyServer(base, {"consistency_solver": REPOSITORY, "test_pack": Path(__file__).parent / "fixtures"
+                                 / "comfy_test_pack"})  # fmt: skip
+    try:
+        running.start()
+        yield running
+    finally:
+        running.stop()
+
+
+def test_the_pack_loads_and_registers_its_sampler_and_nodes(server):
+    # ComfyUI's own optional extras may fail here (no kornia/spandrel); the custom-node packs must not.
+    assert not [line for line in server.log().splitlines() if "IMPORT FAILED" in line and "custom_nodes" in line]
+    info = server.get("/object_info")
+    assert "consistency_solver" in info["KSampler"]["input"]["required"]["sampler_name"][0]
+    assert "consistency_solver" in info["KSamplerAdvanced"]["input"]["required"]["sampler_name"][0]
+    assert "consistency_solver" in info["KSamplerSelect"]["input"]["required"]["sampler_name"][0]
+    for name in OUR_NODES:
+        assert info[name]["category"] == "sampling/consistency_solver"
+    assert COEFFICIENT_FILE in info["DiffusionPreview"]["input"]["required"]["coefficients"][0]
+    assert info["DiffusionPreview"]["output"] == ["LATENT", "PREVIEW_STATE"]
+
+
+def test_preview_then_refine_then_save_latent_over_http(server):
+    prompt = {
+        "1": {"class_type": "TinyTestModel", "inputs": {"kind": "eps", "seed": 0}},
+        "2": {"class_type": "TinyTestConditioning", "inputs": {"seed": 1}},
+        "3": {"class_type": "TinyTestConditioning", "inputs": {"seed": 2}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
+        "5": {
+            "class_type": "DiffusionPreview",
+            "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+                       "seed": 11, "steps": 4, "cfg": 4.0, "scheduler": "karras", "denoise": 1.0,
+                       "coefficients": COEFFICIENT_FILE},
+        },
+        "6": {
+            "class_type": "DiffusionRefine",
+            "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "preview_state": ["5", 1],
+                       "approve": True, "select": "all", "steps": 6, "cfg": 4.0, "scheduler": "karras"},
+        },
+        "7": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "latents/refined"}},
+    }  # fmt: skip
+    reply = server.post_prompt(prompt)
+    assert reply.get("node_errors") == {}, reply
+    history = server.wait_for_history(reply["prompt_id"])
+    assert history["status"]["status_str"] == "success", history["status"]
+    saved = history["outputs"]["7"]["latents"][0]
+    latent = load_file(server.base / "output" / saved["subfolder"] / saved["filename"])["latent_tensor"]
+    assert latent.shape == (2, 4, 8, 8) and torch.isfinite(latent).all()
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_example_workflows_match_the_live_node_definitions(server, name):
+    workflow = json.loads((EXAMPLES_DIR / f"{name}.json").read_text())
+    assert check_workflow(workflow, server.get("/object_info")) == []
