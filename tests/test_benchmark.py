@@ -1,0 +1,63 @@
+"""The benchmark end to end in its --quick configuration, with coefficient files the test writes itself."""
+
+import json
+
+import pytest
+import torch
+
+from consistency_solver.solver import (
+    ConsistencyPolicy,
+    PolicyCoefficients,
+    Preset,
+    TableCoefficients,
+    save_coefficients,
+)
+from consistency_solver.training import benchmark, comfy_backend
+from consistency_solver.training.testbeds import get_testbed
+
+torch.set_num_threads(1)  # the cores are shared; one thread is faster than two contended ones
+
+
+def write_files(folder):
+    table = folder / "table-ab2.safetensors"
+    weights = Preset("ab2").weights(get_testbed("gmm-vector-eps-cfg").sigmas(4))
+    save_coefficients(table, TableCoefficients(tables={4: weights}, order=2), model_family="gmm-eps")
+    policy = folder / "policy-flow.safetensors"
+    untrained = PolicyCoefficients(ConsistencyPolicy(order=3, bins=5, hidden=8), "log_sigma", trained_steps=(4,))
+    save_coefficients(policy, untrained, model_family="gmm-flow")
+    return table, policy
+
+
+def test_quick_benchmark_writes_tables_plots_and_numbers(tmp_path, capsys):
+    table, policy = write_files(tmp_path)
+    out = tmp_path / "out"
+    benchmark.main(["--quick", "--out", str(out), "--coefficients", str(table), str(policy)])
+    printed = capsys.readouterr().out
+    markdown = (out / "benchmark.md").read_text()
+    assert printed.strip() and "| sampler | 4 steps | 6 steps |" in markdown
+    results = json.loads((out / "results.json").read_text())
+    eps, flow = results["gmm-vector-eps-cfg"], results["gmm-vector-flow-cfg"]
+    # Files only rank on beds of their model family; a table has no cells for step counts it lacks.
+    assert "ConsistencySolver (table-ab2)" in eps["rows"] and "ConsistencySolver (table-ab2)" not in flow["rows"]
+    assert eps["rows"]["ConsistencySolver (table-ab2)"]["6"] is None
+    assert "ConsistencySolver (policy-flow)" in flow["rows"]
+    assert "`*`: a step count the policy was not trained for." in markdown  # the policy at 6 steps
+    rmse, quality = eps["rows"]["preset ab4"]["6"]
+    assert 0 < rmse < 1 and quality > 0
+    live = next(label for label in eps["rows"] if label.startswith("live preview"))
+    assert eps["rows"][live]["4"][0] > eps["rows"][live]["6"][0]  # later previews are closer to the final
+    # The table's 4-step cell is the ab2 preset's: the same weights (from float64 rather than float32 sigmas).
+    assert eps["rows"]["ConsistencySolver (table-ab2)"]["4"] == pytest.approx(eps["rows"]["preset ab2"]["4"], rel=1e-4)
+    assert len(results["overhead_seconds_per_step"]) == 2
+    for bed in ("gmm-vector-eps-cfg", "gmm-vector-flow-cfg"):
+        assert (out / f"{bed}.png").stat().st_size > 10_000
+
+
+def test_stock_rows_are_marked_absent_without_comfyui(tmp_path, monkeypatch):
+    monkeypatch.setattr(comfy_backend, "comfy_unavailable_reason", lambda: "ComfyUI not importable: test")
+    out = tmp_path / "out"
+    benchmark.main(["--quick", "--beds", "gmm-vector-eps-cfg", "--out", str(out)])
+    results = json.loads((out / "results.json").read_text())["gmm-vector-eps-cfg"]
+    assert set(results["absent"]) == {f"ComfyUI {name}" for name in comfy_backend.STOCK_SAMPLERS}
+    assert "dpmpp_2m (project reimplementation)" in results["rows"]
+    assert "absent (ComfyUI not importable: test)" in (out / "benchmark.md").read_text()

@@ -1,0 +1,446 @@
+"""Preview-consistency benchmark: every sampler a user could preview with, against the 40-step final.
+
+    python -m consistency_solver.training.benchmark [--quick] [--beds NAME ...] [--out DIR] [--coefficients PATH ...]
+
+For each test bed and held-out noise (seeds from ``references.HELD_OUT_SEED_START``), every row samples
+at 4, 5, 6, 8, 10 and 12 steps and each cell shows the consistency RMSE to the reference final (40-step
+"multistep" reference from the same noise and label) and a quality number (GMM beds: sliced W2 to true
+samples; Fashion: the classifier's agreement with the label). Rows:
+
+- ConsistencySolver with every coefficient file of ``solver/bundled/`` whose model family fits the bed,
+  plus ``--coefficients`` files; cells at step counts a policy was not trained for carry ``*``;
+- the solver's presets (euler, ab2, ab3, ab4, ipndm);
+- ComfyUI's own stock samplers, or "absent" rows when ComfyUI is not importable (then the project's
+  dpmpp_2m reimplementation is added, labelled as such);
+- ComfyUI's live preview: the denoised estimate after N steps of a 30-step dpmpp_2m run.
+
+Then "steps to match" (the fewest ConsistencySolver steps at least as consistent as dpmpp_2m at 10 and at
+20 steps) and the sampler overhead per step with a zero-cost denoiser. Tables go to stdout and
+``OUT/benchmark.md``, numbers to ``OUT/results.json``, plots to ``OUT/<bed>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..solver import PRESET_NAMES, Preset, TableCoefficients, load_coefficients, model_kind, sample_consistency_solver
+from ..solver.schedules import DiscreteSchedule
+from . import comfy_backend
+from .baselines import BASELINE_LABEL, sample_dpmpp_2m
+from .metrics import consistency_rmse, label_agreement, sliced_wasserstein
+from .references import held_out_seeds, reference_finals, seeded_batch
+from .testbeds import FASHION_BED, GMMTestBed, TestBed, get_testbed
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_DIR = PACKAGE_ROOT / "solver" / "bundled"
+CACHE_DIR = Path(".cache") / "references"
+STEP_COUNTS = (4, 5, 6, 8, 10, 12)
+QUICK_STEP_COUNTS = (4, 6)
+REFERENCE_STEPS = 40
+LIVE_PREVIEW_STEPS = 30
+MATCH_TARGETS = (10, 20)
+MAX_MATCH_STEPS = 20
+DEFAULT_BEDS = ("gmm-vector-eps", "gmm-vector-flow-cfg", "gmm-image-eps-cfg", "gmm-image-flow-cfg", FASHION_BED)
+QUICK_BEDS = ("gmm-vector-eps-cfg", "gmm-vector-flow-cfg")
+SAMPLES = {"gmm": 256, "fashion": 64}
+QUICK_SAMPLES = 16
+OVERHEAD_LATENT = (1, 4, 64, 64)  # an SD1.5 512x512 latent
+
+Sampler = Callable[..., Tensor]
+
+
+@dataclass
+class Row:
+    """One sampler of a table: ``run(steps, callback)`` returns finals, or None where the row has no such cell."""
+
+    label: str
+    run: Callable[[int], Tensor | None] | None
+    note: Callable[[int], str] = lambda steps: ""
+    absent: str = ""
+
+
+@dataclass
+class BedResult:
+    name: str
+    quality_name: str
+    rows: dict[str, dict[int, tuple[float, float] | None]] = field(default_factory=dict)
+    notes: dict[str, dict[int, str]] = field(default_factory=dict)
+    absent: dict[str, str] = field(default_factory=dict)
+    floors: dict[str, float] = field(default_factory=dict)
+    steps_to_match: dict[str, dict[int, int | None]] = field(default_factory=dict)
+    targets: dict[int, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class Quality:
+    """The bed's quality number: sliced W2 to true data (GMM) or label agreement of the classifier (Fashion)."""
+
+    def __init__(self, bed: TestBed, labels: Tensor | None, count: int):
+        self.bed, self.labels = bed, labels
+        self.targets = self.classifier = None
+        if isinstance(bed, GMMTestBed):
+            self.name = "sliced W2 to data"
+            self.targets = bed.sample_data(labels, count, torch.Generator().manual_seed(0))
+        else:
+            from .testbeds.fashion import load_classifier
+
+            self.name = "label agreement"
+            self.classifier = load_classifier()
+
+    def __call__(self, samples: Tensor) -> float:
+        if self.targets is not None:
+            return sliced_wasserstein(samples, self.targets, torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            return label_agreement(self.classifier(samples.float().clamp(-1, 1)), self.labels)
+
+
+def coefficient_files(extra: list[Path]) -> list[Path]:
+    return sorted(BUNDLED_DIR.glob("*.safetensors")) + list(extra)
+
+
+def consistency_rows(bed: TestBed, model: Sampler, noise: Tensor, files: list[Path]) -> list[Row]:
+    """One row per coefficient file whose model family fits the bed (``any`` or the bed's eps/flow kind)."""
+    rows = []
+    # Timestep-conditioned policies need a sigma -> timestep map; SD1.5's is the eps beds' schedule range.
+    model_sampling = DiscreteSchedule() if bed.kind == "eps" else None
+    for path in files:
+        coefficients = load_coefficients(path, allow_untrained_steps=True)
+        if model_kind(coefficients.metadata["model_family"]) not in (bed.kind, "any"):
+            continue
+        if isinstance(coefficients, TableCoefficients):
+            trained = set(coefficients.tables)
+        else:
+            trained = set(coefficients.trained_steps)
+
+        def run(steps: int, coefficients=coefficients) -> Tensor | None:
+            sigmas = bed.sigmas(steps).float()
+            try:
+                return sample_consistency_solver(
+                    model,
+                    bed.initial_state(noise, sigmas),
+                    sigmas,
+                    disable=True,
+                    coefficients=coefficients,
+                    model_sampling=model_sampling,
+                )
+            except ValueError:  # a table without this step count, or features the bed cannot give
+                return None
+
+        rows.append(Row(f"ConsistencySolver ({path.stem})", run, lambda steps, t=trained: "" if steps in t else "*"))
+    return rows
+
+
+def preset_rows(bed: TestBed, model: Sampler, noise: Tensor) -> list[Row]:
+    def row(name: str) -> Row:
+        def run(steps: int) -> Tensor:
+            sigmas = bed.sigmas(steps).float()
+            x = bed.initial_state(noise, sigmas)
+            return sample_consistency_solver(model, x, sigmas, disable=True, coefficients=Preset(name))
+
+        return Row(f"preset {name}", run)
+
+    return [row(name) for name in PRESET_NAMES]
+
+
+def dpmpp_2m_sampler() -> tuple[Sampler, str]:
+    """ComfyUI's dpmpp_2m when importable, else the project's reimplementation, with a label saying which."""
+    if comfy_backend.comfy_unavailable_reason() is None:
+        return comfy_backend.stock_sampler("dpmpp_2m"), "ComfyUI dpmpp_2m"
+    return sample_dpmpp_2m, f"dpmpp_2m ({BASELINE_LABEL})"
+
+
+def stock_rows(bed: TestBed, model: Sampler, noise: Tensor) -> list[Row]:
+    reason = comfy_backend.comfy_unavailable_reason()
+    if reason is not None:
+        rows = [Row(f"ComfyUI {name}", None, absent=reason) for name in comfy_backend.STOCK_SAMPLERS]
+        sampler, label = dpmpp_2m_sampler()
+        return [*rows, plain_row(label, sampler, bed, model, noise, bed.sigmas)]
+
+    def row(name: str) -> Row:
+        def schedule(steps: int) -> Tensor:
+            return comfy_backend.stock_sampler_sigmas(name, bed.sigmas, steps)
+
+        return plain_row(f"ComfyUI {name}", comfy_backend.stock_sampler(name), bed, model, noise, schedule)
+
+    return [row(name) for name in comfy_backend.STOCK_SAMPLERS]
+
+
+def plain_row(
+    label: str, sampler: Sampler, bed: TestBed, model: Sampler, noise: Tensor, schedule: Callable[[int], Tensor]
+) -> Row:
+    def run(steps: int) -> Tensor:
+        sigmas = schedule(steps).float()
+        return sampler(model, bed.initial_state(noise, sigmas), sigmas, disable=True)
+
+    return Row(label, run)
+
+
+def live_preview_row(bed: TestBed, model: Sampler, noise: Tensor) -> Row:
+    """The denoised estimate at step N of a 30-step dpmpp_2m run: what ComfyUI's latent preview shows."""
+    sampler, label = dpmpp_2m_sampler()
+    sigmas = bed.sigmas(LIVE_PREVIEW_STEPS).float()
+    previews: dict[int, Tensor] = {}
+
+    def keep(info: dict) -> None:
+        previews[info["i"] + 1] = info["denoised"]
+
+    def run(steps: int) -> Tensor:
+        if not previews:
+            sampler(model, bed.initial_state(noise, sigmas), sigmas, callback=keep, disable=True)
+        return previews[steps]
+
+    return Row(f"live preview ({label}, {LIVE_PREVIEW_STEPS}-step run)", run)
+
+
+def bed_samples(name: str, quick: bool) -> int:
+    if quick:
+        return QUICK_SAMPLES
+    return SAMPLES["fashion"] if name == FASHION_BED else SAMPLES["gmm"]
+
+
+def evaluate_bed(
+    bed: TestBed, count: int, step_counts: tuple[int, ...], files: list[Path], match: bool, log
+) -> BedResult:
+    started = time.perf_counter()
+    noise, labels = seeded_batch(bed, held_out_seeds(count))
+    model = bed.model(labels)
+    references = reference_finals(bed, noise, labels, method="multistep", steps=REFERENCE_STEPS, cache_dir=CACHE_DIR)
+    quality = Quality(bed, labels, count)
+    result = BedResult(bed.name, quality.name)
+    result.floors[f"{REFERENCE_STEPS}-step reference"] = quality(references)
+    if quality.targets is not None:
+        second_draw = bed.sample_data(labels, count, torch.Generator().manual_seed(2))
+        result.floors["true data (sampling floor)"] = quality(second_draw)
+
+    solver_rows = consistency_rows(bed, model, noise, files)
+    rows = [*solver_rows, *preset_rows(bed, model, noise), *stock_rows(bed, model, noise)]
+    rows.append(live_preview_row(bed, model, noise))
+    cache: dict[tuple[str, int], float | None] = {}
+    for row in rows:
+        log(f"  {bed.name}: {row.label}")
+        if row.run is None:
+            result.absent[row.label] = row.absent
+            continue
+        result.rows[row.label], result.notes[row.label] = {}, {}
+        for steps in step_counts:
+            finals = row.run(steps)
+            if finals is None:
+                result.rows[row.label][steps] = None
+                continue
+            rmse = consistency_rmse(finals, references)
+            cache[row.label, steps] = rmse
+            result.rows[row.label][steps] = (rmse, quality(finals))
+            result.notes[row.label][steps] = row.note(steps)
+
+    if match:
+        steps_to_match(rows, solver_rows, references, cache, result)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def steps_to_match(rows: list[Row], solver_rows: list[Row], references: Tensor, cache: dict, result: BedResult) -> None:
+    """Fewest ConsistencySolver steps whose RMSE is at most dpmpp_2m's at 10 and at 20 steps."""
+    _, dpm_label = dpmpp_2m_sampler()  # the stock row's label, ComfyUI's or the reimplementation's
+    dpm_row = next(row for row in rows if row.label == dpm_label)
+    for target in MATCH_TARGETS:
+        if (dpm_label, target) not in cache:
+            cache[dpm_label, target] = consistency_rmse(dpm_row.run(target), references)
+        result.targets[target] = cache[dpm_label, target]
+    for row in solver_rows:
+        found: dict[int, int | None] = {}
+        for target in MATCH_TARGETS:
+            found[target] = None
+            for steps in range(2, MAX_MATCH_STEPS + 1):
+                if (row.label, steps) not in cache:
+                    finals = row.run(steps)
+                    cache[row.label, steps] = None if finals is None else consistency_rmse(finals, references)
+                rmse = cache[row.label, steps]
+                if rmse is not None and rmse <= result.targets[target]:
+                    found[target] = steps
+                    break
+        result.steps_to_match[row.label] = found
+
+
+def sampler_overhead(files: list[Path], repeats: int) -> dict[str, float]:
+    """Seconds per step with a zero-cost denoiser (it returns a stored tensor) on an SD1.5-sized latent."""
+    x = torch.randn(OVERHEAD_LATENT, generator=torch.Generator().manual_seed(0))
+    zeros = torch.zeros_like(x)
+    sigmas = get_testbed("gmm-vector-eps").sigmas(LIVE_PREVIEW_STEPS).float()
+    model_sampling = DiscreteSchedule()
+    coefficients, solver_label = Preset("ab4"), "ConsistencySolver (preset ab4)"
+    for path in files:  # the first eps file that can run 30 steps; a table may hold other step counts only
+        candidate = load_coefficients(path, allow_untrained_steps=True)
+        if model_kind(candidate.metadata["model_family"]) == "flow":
+            continue
+        try:
+            candidate.weights(sigmas, model_sampling.timestep)
+        except ValueError:
+            continue
+        coefficients, solver_label = candidate, f"ConsistencySolver ({path.stem})"
+        break
+    dpm_sampler, dpm_label = dpmpp_2m_sampler()
+
+    def zero_cost(x: Tensor, sigma: Tensor, **extra_args) -> Tensor:
+        return zeros
+
+    def solver(x: Tensor) -> Tensor:
+        return sample_consistency_solver(
+            zero_cost, x, sigmas, disable=True, coefficients=coefficients, model_sampling=model_sampling
+        )
+
+    def dpm(x: Tensor) -> Tensor:
+        return dpm_sampler(zero_cost, x, sigmas, disable=True)
+
+    timings = {}
+    for label, run in ((solver_label, solver), (dpm_label, dpm)):
+        run(x)  # warm-up
+        seconds = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            run(x)
+            seconds.append(time.perf_counter() - started)
+        timings[label] = statistics.median(seconds) / LIVE_PREVIEW_STEPS
+    return timings
+
+
+def format_cell(value: tuple[float, float] | None, note: str, quality_name: str) -> str:
+    if value is None:
+        return "—"
+    rmse, quality = value
+    shown = f"{100 * quality:.0f}%" if quality_name == "label agreement" else f"{quality:.3f}"
+    return f"{rmse:.3f}{note} / {shown}"
+
+
+def bed_table(result: BedResult, step_counts: tuple[int, ...]) -> str:
+    lines = [
+        f"### {result.name}",
+        "",
+        f"Cells: consistency RMSE to the {REFERENCE_STEPS}-step final / {result.quality_name}.",
+        "",
+        "| sampler | " + " | ".join(f"{steps} steps" for steps in step_counts) + " |",
+        "|---|" + "---|" * len(step_counts),
+    ]
+    for label, cells in result.rows.items():
+        notes = result.notes[label]
+        row = [format_cell(cells[steps], notes.get(steps, ""), result.quality_name) for steps in step_counts]
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
+    for label, reason in result.absent.items():
+        lines.append(f"| {label} | absent ({reason}) |" + " |" * (len(step_counts) - 1))
+    lines.append("")
+    floors = ", ".join(f"{name}: {value:.3f}" for name, value in result.floors.items())
+    lines.append(f"Quality floors ({result.quality_name}): {floors}.")
+    if any("*" in note for notes in result.notes.values() for note in notes.values()):
+        lines.append("`*`: a step count the policy was not trained for.")
+    if result.steps_to_match:
+        targets = ", ".join(f"{result.targets[t]:.3f} at {t} steps" for t in MATCH_TARGETS)
+        lines += ["", f"Steps to match dpmpp_2m (its RMSE: {targets}):", ""]
+        lines += ["| coefficients | " + " | ".join(f"match {t}-step dpmpp_2m" for t in MATCH_TARGETS) + " |"]
+        lines += ["|---|" + "---|" * len(MATCH_TARGETS)]
+        for label, found in result.steps_to_match.items():
+            cells = [str(found[t]) if found[t] is not None else f"> {MAX_MATCH_STEPS}" for t in MATCH_TARGETS]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append(f"\n({result.seconds:.0f} s)\n")
+    return "\n".join(lines)
+
+
+def plot_bed(result: BedResult, step_counts: tuple[int, ...], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for label, cells in result.rows.items():
+        steps = [n for n in step_counts if cells.get(n) is not None]
+        style = "-o" if label.startswith("ConsistencySolver") else "--." if label.startswith("preset") else ":x"
+        left.plot(steps, [cells[n][0] for n in steps], style, label=label, linewidth=2 if style == "-o" else 1)
+        right.plot(steps, [cells[n][1] for n in steps], style, label=label, linewidth=2 if style == "-o" else 1)
+    left.set(title=f"{result.name}: consistency", xlabel="steps", ylabel=f"RMSE to {REFERENCE_STEPS}-step final")
+    left.set_yscale("log")
+    right.set(title=f"{result.name}: quality", xlabel="steps", ylabel=result.quality_name)
+    for name, value in result.floors.items():
+        right.axhline(value, color="grey", linewidth=0.8, linestyle="-.")
+        right.annotate(name, (step_counts[0], value), fontsize=7, color="grey")
+    left.legend(fontsize=6, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="two small beds, 16 samples, 4 and 6 steps (seconds)")
+    parser.add_argument("--beds", nargs="+", help=f"test beds (default: {' '.join(DEFAULT_BEDS)})")
+    parser.add_argument("--out", type=Path, default=Path("outputs/benchmark"), help="folder for tables and plots")
+    parser.add_argument("--coefficients", type=Path, nargs="*", default=[], help="extra coefficient files to rank")
+    parser.add_argument("--samples", type=int, help="held-out noises per bed (default: 256 GMM, 64 Fashion)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(1)  # shared cores: one thread avoids contention; the beds are small
+    step_counts = QUICK_STEP_COUNTS if args.quick else STEP_COUNTS
+    beds = args.beds or (QUICK_BEDS if args.quick else DEFAULT_BEDS)
+    files = coefficient_files(args.coefficients)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    command = "python -m consistency_solver.training.benchmark " + " ".join(sys.argv[1:] if argv is None else argv)
+    sections = [f"## Benchmark\n\n`{command.strip()}`\n", f"Coefficient files: {[str(p) for p in files] or 'none'}\n"]
+    results = {}
+    for name in beds:
+        log(f"{name} ...")
+        try:
+            bed = get_testbed(name)
+        except (FileNotFoundError, ImportError) as error:
+            sections.append(f"### {name}\n\nskipped: {error}\n")
+            log(f"  skipped: {error}")
+            continue
+        count = args.samples or bed_samples(name, args.quick)
+        result = evaluate_bed(bed, count, step_counts, files, match=not args.quick, log=log)
+        results[name] = result
+        sections.append(f"{count} held-out noises.\n\n" + bed_table(result, step_counts))
+        plot_bed(result, step_counts, args.out / f"{name}.png")
+        print(sections[-1], flush=True)
+
+    timings = sampler_overhead(files, repeats=3 if args.quick else 20)
+    (solver_label, solver_time), (dpm_label, dpm_time) = timings.items()
+    overhead = (
+        f"### Sampler overhead\n\nZero-cost denoiser, {LIVE_PREVIEW_STEPS} steps on a {list(OVERHEAD_LATENT)} latent: "
+        f"{solver_label} {1e6 * solver_time:.0f} µs/step, {dpm_label} {1e6 * dpm_time:.0f} µs/step, "
+        f"ratio {solver_time / dpm_time:.2f}.\n"
+    )
+    sections.append(overhead)
+    print(overhead, flush=True)
+    (args.out / "benchmark.md").write_text("\n".join(sections))
+    payload = {
+        name: {
+            "quality": result.quality_name,
+            "rows": {label: {str(n): cell for n, cell in cells.items()} for label, cells in result.rows.items()},
+            "absent": result.absent,
+            "floors": result.floors,
+            "steps_to_match": result.steps_to_match,
+            "dpmpp_2m_rmse": result.targets,
+        }
+        for name, result in results.items()
+    }
+    payload["overhead_seconds_per_step"] = timings
+    (args.out / "results.json").write_text(json.dumps(payload, indent=1))
+    log(f"wrote {args.out / 'benchmark.md'}, {args.out / 'results.json'} and plots")
+
+
+if __name__ == "__main__":
+    main()
