@@ -14,6 +14,7 @@ D_u + w (D_c - D_u) with D_u the full mixture and D_c the class's mixture.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, replace
 
@@ -192,6 +193,13 @@ class GMMTestBed(TestBed):
         self.num_classes, self.guidance = num_classes, guidance
         self.mixture = mixture
         self._by_dtype = {torch.float64: mixture, torch.float32: mixture.to(torch.float32)}
+
+    def identity(self) -> str:
+        """The base identity plus a digest of the mixture parameters (they come from code, which may change)."""
+        digest = hashlib.sha256()
+        for name in self.mixture.__dataclass_fields__:
+            digest.update(getattr(self.mixture, name).contiguous().numpy().tobytes())
+        return f"{super().identity()}|mixture={digest.hexdigest()[:16]}"
 
     def class_mask(self, labels: Tensor) -> Tensor:
         """[n, K] boolean: which components belong to each label's class."""
