@@ -1,0 +1,41 @@
+"""The demo writes its labelled grid, and refuses clearly when the default coefficient file is missing."""
+
+import pytest
+import torch
+from PIL import Image
+
+from consistency_solver.solver import Preset, TableCoefficients, save_coefficients
+from consistency_solver.training import demo
+from consistency_solver.training.testbeds import get_testbed
+
+torch.set_num_threads(1)  # the cores are shared; one thread is faster than two contended ones
+
+
+def fashion_weights_present() -> bool:
+    from consistency_solver.training.testbeds.fashion import UNET_WEIGHTS
+
+    return UNET_WEIGHTS.is_file()
+
+
+def test_missing_default_file_names_the_command_that_makes_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "DEFAULT_COEFFICIENTS", tmp_path / "default-eps.safetensors")
+    with pytest.raises(SystemExit, match="python -m consistency_solver.training"):
+        demo.main(["--out", str(tmp_path / "demo.png")])
+
+
+@pytest.mark.skipif(
+    not fashion_weights_present(), reason="the shipped Fashion-MNIST weights are not in training/weights/"
+)
+def test_demo_writes_a_labelled_grid(tmp_path, capsys):
+    coefficients = tmp_path / "ab2-6.safetensors"
+    weights = Preset("ab2").weights(get_testbed("gmm-vector-eps").sigmas(demo.PREVIEW_STEPS))
+    save_coefficients(
+        coefficients, TableCoefficients(tables={demo.PREVIEW_STEPS: weights}, order=2), model_family="any"
+    )
+    out = tmp_path / "grid.png"
+    demo.main(["--coefficients", str(coefficients), "--classes", "1", "8", "--seeds", "1", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "ConsistencySolver" in printed and "dpmpp_2m" in printed and "RMSE" in printed
+    image = Image.open(out)
+    # Three rows (two previews, the final) of two 84-px images, plus the label column and captions.
+    assert image.size[0] > 2 * 84 and image.size[1] > 3 * 84
