@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -85,7 +85,7 @@ def reference_finals(
     if method == "ode":
         finals = _ode_finals(bed, noise, labels, steps, rtol)
     else:
-        finals = _multistep_finals(bed, noise, labels, steps)
+        finals = multistep_run(bed, noise, labels, steps)
     finals = finals.to(noise.dtype)
     if cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,12 +107,20 @@ def _cache_key(bed: TestBed, noise: Tensor, labels: Tensor | None, method: str, 
     return f"{bed.name}-{method}{steps}-{digest.hexdigest()[:24]}"
 
 
-def _multistep_finals(bed: TestBed, noise: Tensor, labels: Tensor | None, steps: int) -> Tensor:
+def multistep_run(
+    bed: TestBed, noise: Tensor, labels: Tensor | None, steps: int, callback: Callable[[dict], None] | None = None
+) -> Tensor:
+    """The uncached ``method="multistep"`` run; ``callback`` sees every step's ``i`` and ``denoised``, as a
+    ComfyUI sampler callback does (what the live preview of a refine run shows)."""
     sigmas = bed.sigmas(steps).to(noise.dtype)
     model = bed.model(labels)
     x = bed.initial_state(noise, sigmas)
-    x_last = sample_consistency_solver(model, x, sigmas[:-1], disable=True, coefficients=Preset(MULTISTEP_PRESET))
-    return model(x_last, sigmas[-2] * x.new_ones(x.shape[0]))
+    preset = Preset(MULTISTEP_PRESET)
+    x_last = sample_consistency_solver(model, x, sigmas[:-1], callback=callback, disable=True, coefficients=preset)
+    finals = model(x_last, sigmas[-2] * x.new_ones(x.shape[0]))
+    if callback is not None:
+        callback({"x": x_last, "i": steps - 1, "sigma": sigmas[-2], "sigma_hat": sigmas[-2], "denoised": finals})
+    return finals
 
 
 @torch.no_grad()
