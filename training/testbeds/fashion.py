@@ -216,7 +216,7 @@ def _load_weights(module: nn.Module, path: Path) -> nn.Module:
             f"{path} is missing: it ships with the package; retrain it with "
             "python -m consistency_solver.training.train_fashion (see README)"
         )
-    state = {name: tensor.float() for name, tensor in load_file(str(path)).items()}
+    state = {name: t.float() if t.is_floating_point() else t for name, t in load_file(str(path)).items()}
     module.load_state_dict(state)
     return module.eval().requires_grad_(False)
 
