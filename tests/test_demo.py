@@ -39,3 +39,24 @@ def test_demo_writes_a_labelled_grid(tmp_path, capsys):
     image = Image.open(out)
     # Three rows (two previews, the final) of two 84-px images, plus the label column and captions.
     assert image.size[0] > 2 * 84 and image.size[1] > 3 * 84
+
+
+def test_preview_loop_counts_calls_false_accepts_and_rejects():
+    from consistency_solver.training.preview_loop import FINAL_STEPS, simulate
+
+    previews = torch.tensor([True, False, True, False])
+    finals = torch.tensor([False, True, True, False])
+    # seed 0: accepted, final fails (false accept); seed 1: rejected, final would pass (false reject);
+    # seed 2: accepted and good; seed 3 comes after the last good final and is not counted.
+    solver = simulate("ConsistencySolver", previews, finals, preview_steps=6)
+    assert (solver.calls, solver.good_finals, solver.false_accepts, solver.false_rejects) == (
+        3 * 6 + 2 * FINAL_STEPS,
+        1,
+        1,
+        1,
+    )
+    live = simulate("live preview", previews, finals, preview_steps=6)
+    assert live.calls == 2 * FINAL_STEPS + 6
+    full = simulate("no preview", previews, finals, preview_steps=6)
+    assert (full.calls, full.good_finals) == (2 * FINAL_STEPS, 2)
+    assert full.calls_per_good_final == FINAL_STEPS
