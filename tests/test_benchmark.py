@@ -42,8 +42,8 @@ def test_quick_benchmark_writes_tables_plots_and_numbers(tmp_path, capsys):
     assert eps["rows"]["ConsistencySolver (table-ab2)"]["6"] is None
     assert "ConsistencySolver (policy-flow)" in flow["rows"]
     assert "`*`: a step count the policy was not trained for." in markdown  # the policy at 6 steps
-    rmse, quality = eps["rows"]["preset ab4"]["6"]
-    assert 0 < rmse < 1 and quality > 0
+    rmse, sliced_w2, mode_tv = eps["rows"]["preset ab4"]["6"]
+    assert 0 < rmse < 1 and sliced_w2 > 0 and 0 <= mode_tv <= 1
     live = next(label for label in eps["rows"] if label.startswith("live preview"))
     assert eps["rows"][live]["4"][0] > eps["rows"][live]["6"][0]  # later previews are closer to the final
     # The table's 4-step cell is the ab2 preset's: the same weights (from float64 rather than float32 sigmas).
@@ -61,3 +61,12 @@ def test_stock_rows_are_marked_absent_without_comfyui(tmp_path, monkeypatch):
     assert set(results["absent"]) == {f"ComfyUI {name}" for name in comfy_backend.STOCK_SAMPLERS}
     assert "dpmpp_2m (project reimplementation)" in results["rows"]
     assert "absent (ComfyUI not importable: test)" in (out / "benchmark.md").read_text()
+
+
+def test_matched_real_images_follow_the_label_mix_and_stay_disjoint():
+    images = torch.arange(40.0).reshape(40, 1, 1, 1)
+    image_labels = torch.arange(40) % 4
+    labels = torch.tensor([0, 0, 3])
+    reference, held_back = benchmark.matched_real_images(images, image_labels, labels, per_sample=2)
+    assert sorted(reference.flatten().tolist()) == [0, 3, 4, 7, 8, 12]
+    assert sorted(held_back.flatten().tolist()) == [11, 16, 20]

@@ -37,7 +37,7 @@ from ..solver import PRESET_NAMES, Preset, TableCoefficients, load_coefficients,
 from ..solver.schedules import DiscreteSchedule
 from . import comfy_backend
 from .baselines import BASELINE_LABEL, sample_dpmpp_2m
-from .metrics import consistency_rmse, label_agreement, sliced_wasserstein
+from .metrics import consistency_rmse, frechet_distance, label_agreement, mode_tv, sliced_wasserstein
 from .references import held_out_seeds, reference_finals, seeded_batch
 from .testbeds import FASHION_BED, GMMTestBed, TestBed, get_testbed
 
@@ -54,7 +54,8 @@ DEFAULT_BEDS = ("gmm-vector-eps", "gmm-vector-flow-cfg", "gmm-image-eps-cfg", "g
 QUICK_BEDS = ("gmm-vector-eps-cfg", "gmm-vector-flow-cfg")
 SAMPLES = {"gmm": 256, "fashion": 64}
 QUICK_SAMPLES = 16
-OVERHEAD_LATENT = (1, 4, 64, 64)  # an SD1.5 512x512 latent
+OVERHEAD_LATENT = (1, 4, 64, 64)
+FASHION_REAL_PER_SAMPLE = 8  # an SD1.5 512x512 latent
 
 Sampler = Callable[..., Tensor]
 
@@ -72,36 +73,73 @@ class Row:
 @dataclass
 class BedResult:
     name: str
-    quality_name: str
-    rows: dict[str, dict[int, tuple[float, float] | None]] = field(default_factory=dict)
+    quality_names: tuple[str, str]
+    rows: dict[str, dict[int, tuple[float, float, float | None] | None]] = field(default_factory=dict)
     notes: dict[str, dict[int, str]] = field(default_factory=dict)
     absent: dict[str, str] = field(default_factory=dict)
-    floors: dict[str, float] = field(default_factory=dict)
+    floors: dict[str, tuple[float, float | None]] = field(default_factory=dict)
+    quality_note: str = ""
     steps_to_match: dict[str, dict[int, int | None]] = field(default_factory=dict)
     targets: dict[int, float] = field(default_factory=dict)
     seconds: float = 0.0
 
 
 class Quality:
-    """The bed's quality number: sliced W2 to true data (GMM) or label agreement of the classifier (Fashion)."""
+    """The bed's two quality numbers.
+
+    GMM beds: sliced W2 to true samples with the same labels, and the mode-histogram TV (both exact, no data).
+    Fashion: the classifier's agreement with the label, and the Frechet distance in the classifier's features
+    to class-matched real test images (``FASHION_REAL_PER_SAMPLE`` per sample), when the Debian data is installed.
+    """
 
     def __init__(self, bed: TestBed, labels: Tensor | None, count: int):
         self.bed, self.labels = bed, labels
-        self.targets = self.classifier = None
+        self.targets = self.classifier = self.real_features = None
+        self.note, self.floors = "", {}
         if isinstance(bed, GMMTestBed):
-            self.name = "sliced W2 to data"
+            self.names = ("sliced W2 to data", "mode TV")
             self.targets = bed.sample_data(labels, count, torch.Generator().manual_seed(0))
-        else:
-            from .testbeds.fashion import load_classifier
+            self.floors["true data (sampling floor)"] = self(
+                bed.sample_data(labels, count, torch.Generator().manual_seed(2))
+            )
+            return
+        from .testbeds.fashion import load_classifier, load_fashion_mnist
 
-            self.name = "label agreement"
-            self.classifier = load_classifier()
-
-    def __call__(self, samples: Tensor) -> float:
-        if self.targets is not None:
-            return sliced_wasserstein(samples, self.targets, torch.Generator().manual_seed(1))
+        self.names = ("label agreement", "FD_clf to test images")
+        self.classifier = load_classifier()
+        try:
+            images, test_labels = load_fashion_mnist("test")
+        except FileNotFoundError as error:
+            self.note = f"FD_clf not computed: {error}"
+            return
+        reference, held_back = matched_real_images(images, test_labels, labels, FASHION_REAL_PER_SAMPLE)
         with torch.no_grad():
-            return label_agreement(self.classifier(samples.float().clamp(-1, 1)), self.labels)
+            self.real_features = self.classifier.features(reference)
+        self.floors["real test images (sampling floor)"] = self(held_back)
+
+    def __call__(self, samples: Tensor) -> tuple[float, float | None]:
+        if self.targets is not None:
+            return (
+                sliced_wasserstein(samples, self.targets, torch.Generator().manual_seed(1)),
+                mode_tv(samples, self.bed, self.labels),
+            )
+        images = samples.float().clamp(-1, 1)
+        with torch.no_grad():
+            agreement = label_agreement(self.classifier(images), self.labels)
+            if self.real_features is None:
+                return agreement, None
+            return agreement, frechet_distance(self.classifier.features(images), self.real_features)
+
+
+def matched_real_images(images: Tensor, image_labels: Tensor, labels: Tensor, per_sample: int) -> tuple[Tensor, Tensor]:
+    """Real images with the class mix of ``labels``: ``per_sample`` per label for the statistics, plus one
+    disjoint image per label (a set as large as the samples', for the sampling floor)."""
+    reference, held_back = [], []
+    for label, count in zip(*labels.unique(return_counts=True), strict=True):
+        pool = images[image_labels == label]
+        reference.append(pool[: per_sample * count])
+        held_back.append(pool[per_sample * count : (per_sample + 1) * count])
+    return torch.cat(reference), torch.cat(held_back)
 
 
 def coefficient_files(extra: list[Path]) -> list[Path]:
@@ -216,11 +254,8 @@ def evaluate_bed(
     model = bed.model(labels)
     references = reference_finals(bed, noise, labels, method="multistep", steps=REFERENCE_STEPS, cache_dir=CACHE_DIR)
     quality = Quality(bed, labels, count)
-    result = BedResult(bed.name, quality.name)
-    result.floors[f"{REFERENCE_STEPS}-step reference"] = quality(references)
-    if quality.targets is not None:
-        second_draw = bed.sample_data(labels, count, torch.Generator().manual_seed(2))
-        result.floors["true data (sampling floor)"] = quality(second_draw)
+    result = BedResult(bed.name, quality.names, quality_note=quality.note)
+    result.floors = {f"{REFERENCE_STEPS}-step reference": quality(references), **quality.floors}
 
     solver_rows = consistency_rows(bed, model, noise, files)
     rows = [*solver_rows, *preset_rows(bed, model, noise), *stock_rows(bed, model, noise)]
@@ -239,7 +274,7 @@ def evaluate_bed(
                 continue
             rmse = consistency_rmse(finals, references)
             cache[row.label, steps] = rmse
-            result.rows[row.label][steps] = (rmse, quality(finals))
+            result.rows[row.label][steps] = (rmse, *quality(finals))
             result.notes[row.label][steps] = row.note(steps)
 
     if match:
@@ -313,32 +348,42 @@ def sampler_overhead(files: list[Path], repeats: int) -> dict[str, float]:
     return timings
 
 
-def format_cell(value: tuple[float, float] | None, note: str, quality_name: str) -> str:
+def format_quality(values: tuple[float, float | None], names: tuple[str, str]) -> str:
+    primary, secondary = values
+    shown = f"{100 * primary:.0f}%" if names[0] == "label agreement" else f"{primary:.3f}"
+    if secondary is None:
+        return shown
+    return f"{shown} / {secondary:.1f}" if names[1].startswith("FD") else f"{shown} / {secondary:.2f}"
+
+
+def format_cell(value: tuple[float, float, float | None] | None, note: str, names: tuple[str, str]) -> str:
     if value is None:
         return "—"
-    rmse, quality = value
-    shown = f"{100 * quality:.0f}%" if quality_name == "label agreement" else f"{quality:.3f}"
-    return f"{rmse:.3f}{note} / {shown}"
+    return f"{value[0]:.3f}{note} / {format_quality(value[1:], names)}"
 
 
 def bed_table(result: BedResult, step_counts: tuple[int, ...]) -> str:
     lines = [
         f"### {result.name}",
         "",
-        f"Cells: consistency RMSE to the {REFERENCE_STEPS}-step final / {result.quality_name}.",
+        f"Cells: consistency RMSE to the {REFERENCE_STEPS}-step final / {' / '.join(result.quality_names)}.",
         "",
         "| sampler | " + " | ".join(f"{steps} steps" for steps in step_counts) + " |",
         "|---|" + "---|" * len(step_counts),
     ]
     for label, cells in result.rows.items():
         notes = result.notes[label]
-        row = [format_cell(cells[steps], notes.get(steps, ""), result.quality_name) for steps in step_counts]
+        row = [format_cell(cells[steps], notes.get(steps, ""), result.quality_names) for steps in step_counts]
         lines.append(f"| {label} | " + " | ".join(row) + " |")
     for label, reason in result.absent.items():
         lines.append(f"| {label} | absent ({reason}) |" + " |" * (len(step_counts) - 1))
     lines.append("")
-    floors = ", ".join(f"{name}: {value:.3f}" for name, value in result.floors.items())
-    lines.append(f"Quality floors ({result.quality_name}): {floors}.")
+    floors = ", ".join(
+        f"{name}: {format_quality(value, result.quality_names)}" for name, value in result.floors.items()
+    )
+    lines.append(f"Quality floors ({' / '.join(result.quality_names)}): {floors}.")
+    if result.quality_note:
+        lines.append(result.quality_note)
     if any("*" in note for notes in result.notes.values() for note in notes.values()):
         lines.append("`*`: a step count the policy was not trained for.")
     if result.steps_to_match:
@@ -367,8 +412,8 @@ def plot_bed(result: BedResult, step_counts: tuple[int, ...], path: Path) -> Non
         right.plot(steps, [cells[n][1] for n in steps], style, label=label, linewidth=2 if style == "-o" else 1)
     left.set(title=f"{result.name}: consistency", xlabel="steps", ylabel=f"RMSE to {REFERENCE_STEPS}-step final")
     left.set_yscale("log")
-    right.set(title=f"{result.name}: quality", xlabel="steps", ylabel=result.quality_name)
-    for name, value in result.floors.items():
+    right.set(title=f"{result.name}: quality", xlabel="steps", ylabel=result.quality_names[0])
+    for name, (value, _) in result.floors.items():
         right.axhline(value, color="grey", linewidth=0.8, linestyle="-.")
         right.annotate(name, (step_counts[0], value), fontsize=7, color="grey")
     left.legend(fontsize=6, ncol=2)
@@ -428,7 +473,7 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "benchmark.md").write_text("\n".join(sections))
     payload = {
         name: {
-            "quality": result.quality_name,
+            "quality": result.quality_names,
             "rows": {label: {str(n): cell for n, cell in cells.items()} for label, cells in result.rows.items()},
             "absent": result.absent,
             "floors": result.floors,
