@@ -62,7 +62,8 @@ Sampler = Callable[..., Tensor]
 
 @dataclass
 class Row:
-    """One sampler of a table: ``run(steps, callback)`` returns finals, or None where the row has no such cell."""
+    """One sampler of a table: ``run(steps)`` returns its finals, or None where the row has no such cell;
+    ``note(steps)`` marks a cell (``*``: untrained step count); ``run`` is None for an absent sampler."""
 
     label: str
     run: Callable[[int], Tensor | None] | None
