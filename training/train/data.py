@@ -43,7 +43,7 @@ def reference_set(bed: TestBed, seeds: list[int], settings: ReferenceSettings) -
     return ReferenceSet(noises, labels, finals)
 
 
-def testbed_problem(name: str, reward: Reward, settings: ReferenceSettings) -> Problem:
+def bed_problem(name: str, reward: Reward, settings: ReferenceSettings) -> Problem:
     """A built-in bed with training noises (seeds < 10_000) and held-out noises (seeds >= 10_000)."""
     bed = get_testbed(name)
     return Problem(

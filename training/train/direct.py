@@ -1,9 +1,14 @@
 """The fast mode: a gradient through the unrolled solver.
 
 The policy's *expected* action under its softmax is a smooth function of its parameters, so the
-weights, the unrolled solve and a differentiable reward (minus the latent RMSE) form one graph: one
-backward pass gives the exact gradient that PPO estimates from many sampled rollouts. A policy
-trained this way is read out with ``inference_mode = "expectation"``, which the file stores.
+weights, the unrolled solve and a differentiable reward form one graph: one backward pass gives the
+exact gradient that PPO estimates from many sampled rollouts. A policy trained this way is read out
+with ``inference_mode = "expectation"``, which the file stores.
+
+The objective per step count is scale-free, so that few-step runs (large errors) and mixed beds of
+different scales weigh alike: log of the batch's mean squared error for the ``rmse`` reward (the
+benchmark's consistency RMSE, squared; a mean of per-sample RMSEs would under-weigh the few
+samples that land in a wrong mode), and log of the mean reward's magnitude for the other rewards.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from typing import Any
 import torch
 
 from ...solver import ConsistencyPolicy
-from .rewards import Reward
+from . import distributed
+from .rewards import Reward, rmse_reward
 from .rollout import expected_weights, unroll
 
 
@@ -29,8 +35,17 @@ def direct_loss(
     extra_args: dict[str, Any] | None = None,
     gradient_checkpointing: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Minus the reward summed over the batch (the caller normalises it), and the detached rewards."""
+    """This rank's share of the scale-free objective (see the module docstring) and its detached rewards.
+
+    The normaliser is summed over all ranks, so the ranks' gradients add up to the gradient of the
+    global objective.
+    """
     weights = expected_weights(policy, features)
     previews = unroll(model, x, sigmas, weights, extra_args, gradient_checkpointing)
     rewards = reward(previews, references.to(previews.dtype))
-    return -rewards.sum(), rewards.detach()
+    if reward is rmse_reward:
+        loss = rewards.square().sum()  # the batch's summed squared error; log of it below
+    else:
+        loss = -rewards.sum()
+    total = distributed.all_reduce_sum(float(loss.detach()))
+    return loss / abs(total), rewards.detach()

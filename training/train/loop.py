@@ -111,7 +111,6 @@ class TrainState:
     evaluations: int = 0  # model evaluations per sample (a CFG'd call counts once), backward included
     forward_evaluations: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
-    initial_held_out: dict[str, dict[int, float]] = field(default_factory=dict)
 
 
 def build_policy(config: TrainConfig) -> ConsistencyPolicy:
@@ -237,12 +236,8 @@ def direct_update(state: TrainState, problems: list[Problem], plans: list[GroupP
             problem.reward,
             gradient_checkpointing=config.gradient_checkpointing,
         )
-        # Dividing by |total reward| makes each step count's term scale-free (the gradient of
-        # log|total| for the RMSE reward): few-step runs with large errors and beds of different
-        # scales weigh alike.
-        total = distributed.all_reduce_sum(float(rewards.sum()))
-        (loss / (abs(total) * len(plans))).backward()
-        reward_sum += total / len(plan.samples)
+        (loss / len(plans)).backward()
+        reward_sum += distributed.all_reduce_sum(float(rewards.sum())) / len(plan.samples)
     distributed.all_reduce_gradients(state.policy)
     torch.nn.utils.clip_grad_norm_(state.policy.parameters(), config.grad_clip)
     state.optimizer.step()
@@ -301,7 +296,6 @@ def save_checkpoint(path: str | os.PathLike, state: TrainState, config: TrainCon
             "evaluations": state.evaluations,
             "forward_evaluations": state.forward_evaluations,
             "history": state.history,
-            "initial_held_out": {k: {str(n): v for n, v in d.items()} for k, d in state.initial_held_out.items()},
         },
         temporary,
     )
@@ -327,7 +321,6 @@ def load_checkpoint(path: str | os.PathLike, config: TrainConfig) -> TrainState:
     state.evaluations = saved["evaluations"]
     state.forward_evaluations = saved["forward_evaluations"]
     state.history = saved["history"]
-    state.initial_held_out = {k: {int(n): v for n, v in d.items()} for k, d in saved["initial_held_out"].items()}
     return state
 
 
@@ -349,8 +342,10 @@ def train(
     else:
         state = new_state(config)
     leader = distributed.rank() == 0
-    if leader and not state.initial_held_out:
-        state.initial_held_out = {"policy": evaluate_policy(state.policy, problems, config)}
+    if leader and config.eval_every and not state.history:
+        state.history.append(
+            {"update": 0, "evaluations": 0, "held_out": _mean(evaluate_policy(state.policy, problems, config))}
+        )
     last = config.updates if stop_after is None else min(config.updates, stop_after)
     bar = tqdm(range(state.update, last), disable=not (progress and leader), desc=f"training ({config.mode})")
     for update in bar:

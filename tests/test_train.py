@@ -1,0 +1,185 @@
+"""The trainer: PPO loss and masking, rollouts, determinism and resume, learning, the CLI's file and report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from consistency_solver.solver import (
+    ConsistencyPolicy,
+    Preset,
+    actions_to_weights,
+    active_action_mask,
+    load_coefficients,
+    sample_consistency_solver,
+)
+from consistency_solver.solver.coefficients import history_lengths
+from consistency_solver.training.__main__ import main
+from consistency_solver.training.train.data import ReferenceSettings, bed_problem
+from consistency_solver.training.train.loop import TrainConfig, coefficients, held_out_rmse, train
+from consistency_solver.training.train.ppo import (
+    PPOSettings,
+    clipped_loss,
+    group_advantages,
+    log_probs_and_entropy,
+)
+from consistency_solver.training.train.rewards import make_reward
+from consistency_solver.training.train.rollout import indices_to_weights, sample_action_indices, unroll
+
+BED = "gmm-vector-eps"
+
+
+@pytest.fixture(scope="module")
+def problem(tmp_path_factory):
+    settings = ReferenceSettings(train_count=64, held_out_count=64, cache_dir=str(tmp_path_factory.mktemp("refs")))
+    return bed_problem(BED, make_reward("rmse"), settings)
+
+
+def test_ppo_loss_matches_hand_computed_example():
+    # Two steps, one free coefficient (order 2), two bins. Step 0 has one derivative: nothing active.
+    logits = torch.tensor([[[0.0, 0.0]], [[0.0, math.log(3.0)]]])  # step 1: p = (0.25, 0.75)
+    indices = torch.tensor([[[0], [1]], [[0], [0]]])  # rollout 0 picks p=0.75 at step 1, rollout 1 p=0.25
+    active = active_action_mask(history_lengths(2, 2), 2)
+    assert active.tolist() == [[False], [True]]
+    new_log_probs, entropy = log_probs_and_entropy(logits, indices, active)
+    assert new_log_probs[:, 1].exp().tolist() == pytest.approx([0.75, 0.25])
+    old_log_probs = torch.full((2, 2), math.log(0.5))  # sampled from a uniform policy
+    advantages = torch.tensor([1.0, -1.0])
+    loss = clipped_loss(new_log_probs, old_log_probs, advantages, entropy, active, clip=0.2, entropy_coef=0.01)
+    # ratios 1.5 and 0.5 -> clipped surrogates min(1.5, 1.2) = 1.2 and min(-0.5, -0.8) = -0.8; mean 0.2.
+    normalised_entropy = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75)) / math.log(2)
+    assert float(loss) == pytest.approx(-0.2 - 0.01 * normalised_entropy, abs=1e-6)
+
+
+def test_inactive_dimensions_change_neither_log_probs_nor_entropy_term():
+    torch.manual_seed(0)
+    steps, order, bins = 4, 4, 5
+    logits = torch.randn(steps, order - 1, bins)
+    indices = torch.randint(bins, (3, steps, order - 1))
+    active = active_action_mask(history_lengths(steps, order), order)
+    assert active.sum(dim=1).tolist() == [0, 1, 2, 3]
+    changed_logits, changed_indices = logits.clone(), indices.clone()
+    changed_logits[~active] = torch.randn(int((~active).sum()), bins) * 10
+    changed_indices[:, ~active] = (changed_indices[:, ~active] + 1) % bins
+    reference = log_probs_and_entropy(logits, indices, active)
+    changed = log_probs_and_entropy(changed_logits, changed_indices, active)
+    assert torch.allclose(reference[0], changed[0])
+    assert torch.allclose(reference[1][active], changed[1][active])
+    advantages = torch.tensor([1.0, 0.0, -1.0])
+    losses = [
+        clipped_loss(lp, lp.detach() - 0.1, advantages, ent, active, 0.2, 0.01) for lp, ent in (reference, changed)
+    ]
+    assert float(losses[0]) == pytest.approx(float(losses[1]))
+    # ... and the inactive dimensions do not change the weights either.
+    assert torch.equal(
+        indices_to_weights(ConsistencyPolicy(order, bins), indices),
+        indices_to_weights(ConsistencyPolicy(order, bins), changed_indices),
+    )
+
+
+def test_group_advantages_floor_the_std():
+    spread = group_advantages(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), std_floor=1e-3)
+    assert spread.mean().abs() < 1e-12 and spread.std(unbiased=False) == pytest.approx(1.0)
+    # Near-identical rewards (a sharpened policy) must not be blown up to unit-variance advantages.
+    nearly = group_advantages(torch.tensor([1.0, 1.0 + 1e-7], dtype=torch.float64), std_floor=1e-3)
+    assert nearly.abs().max() < 1e-3
+
+
+def test_sampled_actions_follow_the_policy_and_are_seeded():
+    logits = torch.tensor([[[0.0, math.log(3.0)]]]).expand(2, 1, 2)
+    draws = sample_action_indices(logits, 4000, torch.Generator().manual_seed(1))
+    assert draws.shape == (4000, 2, 1)
+    assert draws.float().mean() == pytest.approx(0.75, abs=0.03)
+    assert torch.equal(draws, sample_action_indices(logits, 4000, torch.Generator().manual_seed(1)))
+
+
+def test_unroll_is_the_inference_sampler_and_takes_per_sample_weights(problem):
+    sigmas = problem.bed.sigmas(6)
+    noise, labels, _ = problem.train.take(torch.arange(4))
+    x = problem.bed.initial_state(noise, sigmas)
+    model = problem.bed.model(labels)
+    table = Preset("ab3").weights(sigmas)
+    expected = sample_consistency_solver(model, x, sigmas, disable=True, coefficients=Preset("ab3"))
+    assert torch.allclose(unroll(model, x, sigmas, table), expected, atol=1e-5)
+    per_sample = torch.stack([Preset("euler").weights(sigmas).expand(-1, 3).contiguous(), *[table] * 3]).float()
+    per_sample[0, :, 1:] = 0
+    mixed = unroll(model, x, sigmas, per_sample)
+    euler = sample_consistency_solver(model, x[:1], sigmas, disable=True, coefficients=Preset("euler"))
+    assert torch.allclose(mixed[:1], euler, atol=1e-5) and torch.allclose(mixed[1:], expected[1:], atol=1e-5)
+
+
+def test_indices_to_weights_apply_the_paper_rule():
+    policy = ConsistencyPolicy(order=4, bins=5)
+    indices = torch.randint(5, (2, 6, 3), generator=torch.Generator().manual_seed(0))
+    actions = policy.action_values.expand(2, 6, 3, 5).gather(-1, indices.unsqueeze(-1)).squeeze(-1).double()
+    expected = actions_to_weights(actions.reshape(12, 3), history_lengths(6, 4).repeat(2)).reshape(2, 6, 4)
+    assert torch.allclose(indices_to_weights(policy, indices), expected)
+
+
+@pytest.mark.parametrize("mode", ["ppo", "direct"])
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(problem, tmp_path, mode):
+    config = TrainConfig(
+        mode=mode, steps=(4, 5, 6), updates=4, groups=2, batch=4, ppo=PPOSettings(rollouts=4, epochs=2)
+    )
+    uninterrupted = train(config, [problem], progress=False)
+    checkpoint = tmp_path / "run.ckpt"
+    train(config, [problem], checkpoint=checkpoint, progress=False, stop_after=2)
+    resumed = train(config, [problem], checkpoint=checkpoint, resume=True, progress=False)
+    assert resumed.update == uninterrupted.update == 4
+    assert resumed.evaluations == uninterrupted.evaluations
+    for name, tensor in uninterrupted.policy.state_dict().items():
+        assert torch.equal(tensor, resumed.policy.state_dict()[name]), name
+    assert [h["reward"] for h in resumed.history] == [h["reward"] for h in uninterrupted.history]
+
+
+def test_resume_refuses_a_different_configuration(problem, tmp_path):
+    checkpoint = tmp_path / "run.ckpt"
+    config = TrainConfig(mode="direct", steps=(4,), updates=1, batch=2)
+    train(config, [problem], checkpoint=checkpoint, progress=False)
+    with pytest.raises(ValueError, match="different configuration"):
+        train(TrainConfig(mode="direct", steps=(5,), updates=2, batch=2), [problem], checkpoint=checkpoint, resume=True)
+
+
+@pytest.mark.parametrize(
+    ("mode", "updates", "lr"),
+    [("ppo", 40, 3e-3), ("direct", 15, 3e-3)],
+)
+def test_a_short_run_improves_held_out_consistency(problem, mode, updates, lr):
+    config = TrainConfig(
+        mode=mode, steps=(4,), updates=updates, lr=lr, groups=4, batch=16, ppo=PPOSettings(rollouts=16)
+    )
+    state = train(config, [problem], progress=False)
+    initial = held_out_rmse(coefficients(ConsistencyPolicy(4, 21), config), problem, 4)
+    trained = held_out_rmse(coefficients(state.policy, config), problem, 4)
+    assert trained < 0.9 * initial
+    rewards = [h["reward"] for h in state.history]
+    quarter = max(len(rewards) // 4, 1)
+    assert sum(rewards[-quarter:]) / quarter > sum(rewards[:quarter]) / quarter
+
+
+def test_cli_writes_a_coefficient_file_with_full_metadata_and_a_report(tmp_path):
+    output = tmp_path / "policy.safetensors"
+    argv = [
+        "--bed", BED, "--mode", "direct", "--steps", "4-5", "--updates", "2", "--batch", "2",
+        "--train-count", "8", "--held-out-count", "8", "--references-dir", str(tmp_path / "refs"),
+        "--output", str(output), "--seed", "3", "--no-progress",
+    ]  # fmt: skip
+    main(argv)
+    loaded = load_coefficients(output)
+    assert loaded.mode == "expectation" and loaded.trained_steps == (4, 5) and loaded.time_features == "log_sigma"
+    metadata = loaded.metadata
+    assert metadata["model_family"] == "gmm-eps"
+    training = json.loads(metadata["training"])
+    assert training["seed"] == 3 and training["mode"] == "direct" and "--updates 2" in training["command"]
+    assert training["model_evaluations"] == 2 * 2 * (4 + 5) * 3  # forward plus backward (2 per call)
+    assert set(training["held_out_rmse"]) == {"5"}
+    report = json.loads((tmp_path / "policy" / "report.json").read_text())
+    assert set(report["held_out_rmse"][BED]) >= {"trained", "initial policy", "ab4", "ipndm", "dpmpp_2m"}
+    assert (tmp_path / "policy" / "report.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="trained for 4-5 steps"):
+        sample_consistency_solver(
+            lambda x, s: x * 0, torch.ones(1, 2), torch.linspace(1, 0, 7), disable=True, coefficients=loaded
+        )

@@ -1,0 +1,116 @@
+"""The training report: a JSON file with every number and a PNG with the reward curve and the
+held-out consistency per step count against the presets, dpmpp_2m and the initial policy."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...solver import PRESET_NAMES, Preset
+from ..baselines import BASELINE_LABEL, baseline_sampler
+from ..comfy_backend import comfy_unavailable_reason, stock_sampler
+from ..metrics import consistency_rmse
+from .loop import Problem, TrainConfig, TrainState, build_policy, coefficients, held_out_rmse
+
+STOCK_REFERENCE = "dpmpp_2m"
+
+
+def dpmpp_2m() -> tuple[Any, str]:
+    """ComfyUI's dpmpp_2m when ComfyUI imports, else the project's reimplementation, with its label."""
+    if comfy_unavailable_reason() is None:
+        return stock_sampler(STOCK_REFERENCE), "ComfyUI"
+    return baseline_sampler(STOCK_REFERENCE), BASELINE_LABEL
+
+
+@torch.no_grad()
+def sampler_rmse(sampler: Any, problem: Problem, steps: int) -> float:
+    sigmas = problem.bed.sigmas(steps)
+    held_out = problem.held_out
+    x = problem.bed.initial_state(held_out.noises, sigmas)
+    return consistency_rmse(sampler(problem.bed.model(held_out.labels), x, sigmas, disable=True), held_out.finals)
+
+
+def held_out_table(
+    state: TrainState, problems: list[Problem], names: list[str], config: TrainConfig, steps: list[int]
+) -> dict[str, dict[str, dict[int, float]]]:
+    """{problem name: {solver: {steps: held-out RMSE}}} for the trained and initial policy, presets and dpmpp_2m."""
+    stock, _ = dpmpp_2m()
+    sources = {
+        "trained": coefficients(state.policy, config),
+        "initial policy": coefficients(build_policy(config), config),
+        **{name: Preset(name) for name in PRESET_NAMES},
+    }
+    table = {}
+    for name, problem in zip(names, problems, strict=True):
+        rows = {label: {n: held_out_rmse(source, problem, n) for n in steps} for label, source in sources.items()}
+        rows[STOCK_REFERENCE] = {n: sampler_rmse(stock, problem, n) for n in steps}
+        table[name] = rows
+    return table
+
+
+def ratios(rows: dict[str, dict[int, float]]) -> dict[int, dict[str, float]]:
+    """Trained RMSE over the best preset's and over dpmpp_2m's, per step count (acceptance: <= 0.8)."""
+    result = {}
+    for n, trained in rows["trained"].items():
+        best = min(rows[name][n] for name in PRESET_NAMES)
+        result[n] = {"vs_best_preset": trained / best, "vs_dpmpp_2m": trained / rows[STOCK_REFERENCE][n]}
+    return result
+
+
+def write_report(
+    directory: str | os.PathLike,
+    state: TrainState,
+    problems: list[Problem],
+    names: list[str],
+    config: TrainConfig,
+    extra: dict[str, Any],
+    steps: list[int],
+) -> dict[str, Any]:
+    """Write report.json and report.png into ``directory``; returns the JSON content."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    table = held_out_table(state, problems, names, config, steps)
+    report = {
+        **extra,
+        "config": config.as_dict(),
+        "updates": state.update,
+        "model_evaluations": state.evaluations,
+        "forward_model_evaluations": state.forward_evaluations,
+        "dpmpp_2m_source": dpmpp_2m()[1],
+        "held_out_rmse": table,
+        "ratios": {name: ratios(rows) for name, rows in table.items()},
+        "history": state.history,
+    }
+    (directory / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+    plot(directory / "report.png", state.history, table, config)
+    return report
+
+
+def plot(path: Path, history: list[dict[str, float]], table: dict, config: TrainConfig) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 1 + len(table), figsize=(5 * (1 + len(table)), 4), squeeze=False)
+    curve = axes[0][0]
+    evaluations = [h["evaluations"] for h in history if "reward" in h]
+    curve.plot(evaluations, [h["reward"] for h in history if "reward" in h], lw=0.8, label="training reward")
+    held = [(h["evaluations"], -h["held_out"]) for h in history if "held_out" in h]
+    if held:
+        curve.plot(*zip(*held, strict=True), "o-", label="minus held-out RMSE")
+    curve.set(xlabel="model evaluations", ylabel="reward (minus RMSE)", title=f"training ({config.mode})")
+    curve.legend()
+    for axis, (name, rows) in zip(axes[0][1:], table.items(), strict=True):
+        for label, values in rows.items():
+            style = {"trained": "o-", "initial policy": "x--"}.get(label, ".:")
+            axis.plot(list(values), list(values.values()), style, label=label)
+        axis.set(xlabel="steps", ylabel="held-out consistency RMSE", yscale="log", title=name)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
