@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .files import save_coefficients
+from .files import POLICY_TENSORS, save_coefficients
 from .policy import ConsistencyPolicy, PolicyCoefficients
 
 # What each released policy was trained on (paper-spec 1.2-1.5): features, family, step counts.
@@ -40,15 +40,7 @@ def policy_from_checkpoint(path: str | os.PathLike) -> ConsistencyPolicy:
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"{os.fspath(path)!r} is not a state-dict checkpoint (got {type(checkpoint).__name__})")
     state = _state_dict(checkpoint)
-    expected = {
-        "mlp.0.weight",
-        "mlp.0.bias",
-        "mlp.2.weight",
-        "mlp.2.bias",
-        "mlp.4.weight",
-        "mlp.4.bias",
-        "action_values",
-    }
+    expected = set(POLICY_TENSORS)
     if missing := expected - state.keys():
         raise ValueError(
             f"{os.fspath(path)!r} lacks the policy tensors {sorted(missing)}; is it a ConsistencySolver policy?"

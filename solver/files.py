@@ -51,7 +51,7 @@ _COMMON_KEYS = {
     "training",
 }
 _POLICY_KEYS = _COMMON_KEYS | {"time_features", "bins", "hidden", "inference_mode"}
-_POLICY_TENSORS = (
+POLICY_TENSORS = (
     "mlp.0.weight",
     "mlp.0.bias",
     "mlp.2.weight",
@@ -193,8 +193,8 @@ def _table_from_file(path, tensors, metadata, order, trained_steps, fail) -> Tab
 
 
 def _policy_from_file(tensors, metadata, order, trained_steps, mode, allow_untrained_steps, fail) -> PolicyCoefficients:
-    if set(tensors) != set(_POLICY_TENSORS):
-        fail(f"policy tensors are {sorted(tensors)}, expected {sorted(_POLICY_TENSORS)}")
+    if set(tensors) != set(POLICY_TENSORS):
+        fail(f"policy tensors are {sorted(tensors)}, expected {sorted(POLICY_TENSORS)}")
     if metadata["inference_mode"] not in INFERENCE_MODES:
         fail(f"unknown inference_mode {metadata['inference_mode']!r} (known: {', '.join(INFERENCE_MODES)})")
     if metadata["time_features"] not in TIME_FEATURE_KINDS:
