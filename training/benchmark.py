@@ -133,14 +133,17 @@ class Quality:
 
 
 def matched_real_images(images: Tensor, image_labels: Tensor, labels: Tensor, per_sample: int) -> tuple[Tensor, Tensor]:
-    """Real images with the class mix of ``labels``: ``per_sample`` per label for the statistics, plus one
-    disjoint image per label (a set as large as the samples', for the sampling floor)."""
-    reference, held_back = [], []
-    for label, count in zip(*labels.unique(return_counts=True), strict=True):
-        pool = images[image_labels == label]
-        reference.append(pool[: per_sample * count])
-        held_back.append(pool[per_sample * count : (per_sample + 1) * count])
-    return torch.cat(reference), torch.cat(held_back)
+    """Real images with the class mix of ``labels``: ``per_sample`` per label for the statistics, and a disjoint
+    set with one image per sample, in the samples' order (so label agreement applies to it: the sampling floor)."""
+    pools = {int(label): images[image_labels == label] for label in labels.unique()}
+    counts = {label: int((labels == label).sum()) for label in pools}
+    reference = torch.cat([pools[label][: per_sample * counts[label]] for label in sorted(pools)])
+    taken = dict.fromkeys(pools, 0)
+    held_back = []
+    for label in labels.tolist():
+        held_back.append(pools[label][per_sample * counts[label] + taken[label]])
+        taken[label] += 1
+    return reference, torch.stack(held_back)
 
 
 def coefficient_files(extra: list[Path]) -> list[Path]:
