@@ -10,6 +10,7 @@ as this project's samplers. None of the eight samplers used here looks up
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -96,3 +97,187 @@ def stock_sampler_sigmas(name: str, schedule: Callable[[int], Tensor], steps: in
         sigmas = schedule(steps + 1)
         return torch.cat([sigmas[:-2], sigmas[-1:]])
     return schedule(steps)
+
+
+# --- Trainer part: a ComfyUI model behind the test-bed interface ------------------------------------
+#
+# The trainer needs ``model(labels)(x, sigma) -> denoised`` for any state it rolls out, with
+# gradients for the direct mode. ComfyUI hands out its guided denoiser only inside a sampler run, so
+# every call runs ComfyUI's own CFGGuider.sample with a one-evaluation sampler that evaluates the
+# trainer's state and returns. Conds, CFG, model patches and model loading are all ComfyUI's.
+
+
+class ComfyModel:
+    """A ComfyUI MODEL with a list of prompts (labels are prompt indices), shaped like a ``TestBed``.
+
+    ``positives`` are CONDITIONINGs, one per prompt; ``negative`` is one CONDITIONING. States live on
+    the model's load device (the GPU when present); noises are drawn on the CPU, as ComfyUI draws them.
+    """
+
+    guidance_note = "ComfyUI CFGGuider"
+
+    def __init__(
+        self,
+        patcher,
+        positives: list,
+        negative: list,
+        *,
+        cfg: float,
+        scheduler: str,
+        width: int,
+        height: int,
+        name: str,
+        source: str = "",
+    ):
+        import comfy.model_sampling
+        import comfy.samplers
+
+        self.patcher, self.positives, self.negative = patcher, positives, negative
+        self.guidance, self.scheduler, self.name, self.source = cfg, scheduler, name, source
+        self.num_classes = len(positives)
+        if scheduler not in comfy.samplers.SCHEDULER_HANDLERS:
+            raise ValueError(
+                f"unknown scheduler {scheduler!r}; ComfyUI has {', '.join(comfy.samplers.SCHEDULER_NAMES)}"
+            )
+        base = patcher.model
+        self.model_sampling = patcher.get_model_object("model_sampling")
+        self.kind = "flow" if isinstance(self.model_sampling, comfy.model_sampling.CONST) else "eps"
+        self.model_family = f"{name}-{self.kind}"
+        self.shape = (base.latent_format.latent_channels, height // 8, width // 8)
+        self.device = patcher.load_device
+        self._guiders = {}
+
+    def identity(self) -> str:
+        prompts = repr([repr(p[0][0].flatten()[:64].tolist()) for p in self.positives])
+        return f"comfy|{self.name}|{self.source}|{prompts}|cfg={self.guidance}|{self.scheduler}|{self.shape}"
+
+    def guider(self, label: int):
+        import comfy.samplers
+
+        if label not in self._guiders:
+            guider = comfy.samplers.CFGGuider(self.patcher)
+            guider.set_conds(self.positives[label], self.negative)
+            guider.set_cfg(self.guidance)
+            self._guiders[label] = guider
+        return self._guiders[label]
+
+    def denoise(self, x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
+        """ComfyUI's guided denoised estimate for the batch, one CFGGuider run per prompt in it."""
+        labels = torch.zeros(x.shape[0], dtype=torch.long) if labels is None else labels.cpu()
+        sigma = torch.as_tensor(sigma).reshape(-1).expand(x.shape[0]).cpu()
+        out = torch.empty_like(x)
+        for label in labels.unique().tolist():
+            rows = (labels == label).nonzero().squeeze(1)
+            denoised = self.guided(label, x[rows.to(x.device)], sigma[rows])
+            out = out.index_copy(0, rows.to(x.device), denoised.to(x.device, x.dtype))
+        return out
+
+    def guided(self, label: int, state: Tensor, sigma: Tensor) -> Tensor:
+        """One evaluation of ComfyUI's guider for prompt ``label`` at the trainer's ``state``."""
+        import comfy.samplers
+
+        result = {}
+        level = sigma.to(self.device, torch.float32)
+
+        def evaluate(model, ignored, sigmas, extra_args=None, callback=None, disable=None):
+            result["denoised"] = model(state.to(self.device), level, **(extra_args or {}))
+            return ignored
+
+        zeros = torch.zeros(state.shape, dtype=torch.float32)
+        sigmas = torch.stack([sigma[0].float(), torch.zeros(())])
+        self.guider(label).sample(zeros, zeros, comfy.samplers.KSAMPLER(evaluate), sigmas, disable_pbar=True)
+        return result["denoised"]
+
+    def model(self, labels: Tensor | None) -> Callable[..., Tensor]:
+        def model(x: Tensor, sigma: Tensor, **extra_args) -> Tensor:
+            return self.denoise(x, sigma, labels)
+
+        return model
+
+    def sigmas(self, steps: int) -> Tensor:
+        import comfy.samplers
+
+        return comfy.samplers.calculate_sigmas(self.model_sampling, self.scheduler, steps).cpu().double()
+
+    def initial_state(self, noise: Tensor, sigmas: Tensor) -> Tensor:
+        """x at sigmas[0] from an empty latent, as ComfyUI's KSAMPLER scales the noise (incl. its max-denoise rule)."""
+        sigma_max = float(self.model_sampling.sigma_max)
+        max_denoise = math.isclose(sigma_max, float(sigmas[0]), rel_tol=1e-5) or float(sigmas[0]) > sigma_max
+        noise = noise.to(self.device)
+        sigma = sigmas[0].to(self.device, noise.dtype)
+        return self.model_sampling.noise_scaling(sigma, noise, torch.zeros_like(noise), max_denoise)
+
+    def sample_labels(self, count: int, generator: torch.Generator) -> Tensor:
+        return torch.randint(self.num_classes, (count,), generator=generator)
+
+    def noise(self, count: int, generator: torch.Generator) -> Tensor:
+        return torch.randn(count, *self.shape, generator=generator, dtype=torch.float32)
+
+    def decode(self, vae) -> Callable[[Tensor], Tensor]:
+        """Model-space latents -> [n, C, H, W] images in [0, 1] through the checkpoint's VAE."""
+
+        def decode(latents: Tensor) -> Tensor:
+            images = vae.decode(self.patcher.model.process_latent_out(latents))
+            return images.reshape(-1, *images.shape[-3:]).movedim(-1, 1)
+
+        return decode
+
+
+def load_comfy_checkpoint(checkpoint: str, comfyui: str | None = None):
+    """(model patcher, clip, vae) from a checkpoint path or a name in ComfyUI's models/checkpoints."""
+    if comfyui:
+        os.environ["COMFYUI_PATH"] = comfyui
+    import_comfy()
+    import comfy.sd
+    import folder_paths
+
+    path = checkpoint if Path(checkpoint).is_file() else folder_paths.get_full_path_or_raise("checkpoints", checkpoint)
+    patcher, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+        path, output_vae=True, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings")
+    )
+    if clip is None:
+        raise ValueError(f"checkpoint {path!r} has no text encoder; the trainer needs one to encode --prompts")
+    return patcher, clip, vae
+
+
+def encode_prompt(clip, text: str) -> list:
+    """CONDITIONING for ``text``, as ComfyUI's CLIPTextEncode node makes it."""
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def comfy_problem(args, settings):
+    """The trainer's Problem for a real checkpoint (``python -m consistency_solver.training --comfy-checkpoint``)."""
+    from .references import held_out_seeds, training_seeds
+    from .train.data import reference_set
+    from .train.loop import Problem
+    from .train.rewards import make_reward
+
+    if not args.prompts:
+        raise SystemExit("--comfy-checkpoint needs --prompts (a text file with one prompt per line)")
+    prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit(f"{args.prompts} has no prompts")
+    patcher, clip, vae = load_comfy_checkpoint(args.comfy_checkpoint, args.comfyui)
+    with torch.no_grad():
+        positives = [encode_prompt(clip, text) for text in prompts]
+        negative = encode_prompt(clip, args.negative)
+    name = Path(args.comfy_checkpoint).stem
+    model = ComfyModel(
+        patcher,
+        positives,
+        negative,
+        cfg=args.cfg,
+        scheduler=args.scheduler,
+        width=args.width,
+        height=args.height,
+        name=name,
+        source=Path(args.prompts).read_text(),
+    )
+    decode = model.decode(vae) if args.reward.startswith("image-") else None
+    reward = make_reward(args.reward, decode=decode)
+    return Problem(
+        bed=model,
+        train=reference_set(model, training_seeds(settings.train_count), settings),
+        held_out=reference_set(model, held_out_seeds(settings.held_out_count), settings),
+        reward=reward,
+    )

@@ -42,7 +42,12 @@ def direct_loss(
     """
     weights = expected_weights(policy, features)
     previews = unroll(model, x, sigmas, weights, extra_args, gradient_checkpointing)
-    rewards = reward(previews, references.to(previews.dtype))
+    if not previews.requires_grad:
+        raise ValueError(
+            "the model's output carries no gradient (its denoiser runs under torch.no_grad), so the direct mode "
+            "cannot train on it; use --mode ppo, or make the denoiser differentiable"
+        )
+    rewards = reward(previews, references.to(previews.device, previews.dtype))
     if reward is rmse_reward:
         loss = rewards.square().sum()  # the batch's summed squared error; log of it below
     else:

@@ -193,7 +193,7 @@ def roll_out_group(
         labels = None if labels is None else labels.repeat(rollouts)
         x = problem.bed.initial_state(noise.repeat(repeat), sigmas)
         previews = unroll(problem.bed.model(labels), x, sigmas, indices_to_weights(policy, indices))
-        rewards = problem.reward(previews, final.to(previews.dtype).expand_as(previews)).double()
+        rewards = problem.reward(previews, final.to(previews.device, previews.dtype).expand_as(previews)).double()
     advantages = group_advantages(rewards, config.ppo.std_floor).float()
     return Group(features, indices, active, old_log_probs, advantages, rewards)
 
@@ -266,7 +266,7 @@ def held_out_rmse(source: CoefficientSource, problem: Problem, steps: int) -> fl
     previews = sample_consistency_solver(
         problem.bed.model(labels), x, sigmas, disable=True, coefficients=source, model_sampling=sampler_schedule
     )
-    return consistency_rmse(previews, finals)
+    return consistency_rmse(previews.cpu(), finals)
 
 
 @dataclass(frozen=True)

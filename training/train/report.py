@@ -31,7 +31,8 @@ def sampler_rmse(sampler: Any, problem: Problem, steps: int) -> float:
     sigmas = problem.bed.sigmas(steps)
     held_out = problem.held_out
     x = problem.bed.initial_state(held_out.noises, sigmas)
-    return consistency_rmse(sampler(problem.bed.model(held_out.labels), x, sigmas, disable=True), held_out.finals)
+    previews = sampler(problem.bed.model(held_out.labels), x, sigmas, disable=True)
+    return consistency_rmse(previews.cpu(), held_out.finals)
 
 
 def held_out_table(

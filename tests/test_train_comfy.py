@@ -1,0 +1,77 @@
+"""The trainer's ComfyUI backend on the tiny in-Python ComfyUI model (skipped without ComfyUI)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fixtures.comfyui import require_comfyui
+
+require_comfyui()
+
+import comfy.sample  # noqa: E402
+import comfy.samplers  # noqa: E402
+from fixtures import tiny_models  # noqa: E402
+
+from consistency_solver.solver import Preset, sample_consistency_solver  # noqa: E402
+from consistency_solver.training.comfy_backend import ComfyModel  # noqa: E402
+from consistency_solver.training.train.data import ReferenceSettings, reference_set  # noqa: E402
+from consistency_solver.training.train.loop import Problem, TrainConfig, coefficients, held_out_rmse, train  # noqa: E402
+from consistency_solver.training.train.ppo import PPOSettings  # noqa: E402
+from consistency_solver.training.train.rewards import make_reward  # noqa: E402
+
+
+def tiny(kind: str) -> ComfyModel:
+    patcher = tiny_models.tiny_unet_model(kind, seed=0)
+    prompts = [tiny_models.random_conditioning(seed) for seed in (1, 2)]
+    return ComfyModel(
+        patcher,
+        prompts,
+        tiny_models.random_conditioning(3),
+        cfg=3.0,
+        scheduler="karras" if kind == "eps" else "simple",
+        width=64,
+        height=64,
+        name="tiny",
+    )
+
+
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+def test_the_backend_denoiser_is_comfyuis_guided_model(kind):
+    """Sampling through the backend equals ComfyUI's own sample_custom with the pack's sampler, same noise."""
+    model = tiny(kind)
+    assert model.model_family == f"tiny-{kind}" and model.shape == (4, 8, 8)
+    sigmas = model.sigmas(5)
+    noise = model.noise(2, torch.Generator().manual_seed(0))
+    ours = sample_consistency_solver(
+        model.model(torch.tensor([1, 1])),
+        model.initial_state(noise, sigmas),
+        sigmas,
+        disable=True,
+        coefficients=Preset("ab2"),
+    )
+    sampler = comfy.samplers.KSAMPLER(sample_consistency_solver, extra_options={"coefficients": Preset("ab2")})
+    latent = torch.zeros(2, 4, 8, 8)
+    theirs = comfy.sample.sample_custom(
+        model.patcher, noise, 3.0, sampler, sigmas.float(), model.positives[1], model.negative, latent
+    )
+    theirs = model.patcher.model.process_latent_in(theirs)
+    assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["ppo", "direct"])
+def test_training_runs_on_the_tiny_comfyui_model(tmp_path, mode):
+    model = tiny("eps")
+    settings = ReferenceSettings(steps=12, train_count=4, held_out_count=2, cache_dir=str(tmp_path))
+    problem = Problem(
+        bed=model,
+        train=reference_set(model, list(range(4)), settings),
+        held_out=reference_set(model, [10_000, 10_001], settings),
+        reward=make_reward("rmse"),
+    )
+    config = TrainConfig(
+        mode=mode, steps=(3,), updates=2, groups=2, batch=2, eval_steps=(3,), ppo=PPOSettings(rollouts=3, epochs=2)
+    )
+    state = train(config, [problem], progress=False)
+    assert state.update == 2 and all(torch.isfinite(torch.tensor(h["reward"])) for h in state.history)
+    assert state.policy.mlp[4].weight.abs().sum() > 0  # the policy moved: gradients flowed through ComfyUI
+    assert held_out_rmse(coefficients(state.policy, config), problem, 3) > 0
