@@ -32,6 +32,15 @@ from consistency_solver.training.train.rollout import indices_to_weights, sample
 BED = "gmm-vector-eps"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small models on a shared 2-core machine run far faster on one thread than on contended two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def problem(tmp_path_factory):
     settings = ReferenceSettings(train_count=64, held_out_count=64, cache_dir=str(tmp_path_factory.mktemp("refs")))

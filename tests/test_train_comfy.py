@@ -20,6 +20,15 @@ from consistency_solver.training.train.ppo import PPOSettings  # noqa: E402
 from consistency_solver.training.train.rewards import make_reward  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small models on a shared 2-core machine run far faster on one thread than on contended two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny(kind: str) -> ComfyModel:
     patcher = tiny_models.tiny_unet_model(kind, seed=0)
     prompts = [tiny_models.random_conditioning(seed) for seed in (1, 2)]

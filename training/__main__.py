@@ -64,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
     method.add_argument("--mode", choices=MODES, default="ppo", help="ppo (the paper) or direct (fast)")
     method.add_argument("--steps", type=step_range, default=tuple(range(4, 13)), help="step counts (default 4-12)")
     method.add_argument("--updates", type=int, default=200)
-    method.add_argument("--lr", type=float, default=None, help="default: 1e-3 (ppo), 3e-4 (direct)")
+    method.add_argument("--lr", type=float, default=1e-3)
     method.add_argument("--weight-decay", type=float, default=1e-3)
     method.add_argument("--grad-clip", type=float, default=1.0)
     method.add_argument("--groups", type=int, default=4, help="ppo: groups per update")
@@ -73,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
     method.add_argument("--clip", type=float, default=0.2, help="ppo: ratio clip")
     method.add_argument("--entropy-coef", type=float, default=0.01)
     method.add_argument("--std-floor", type=float, default=1e-3, help="ppo: floor on the group reward std")
-    method.add_argument("--batch", type=int, default=8, help="direct: samples per step count per update")
+    method.add_argument("--batch", type=int, default=16, help="direct: samples per step count per update")
     method.add_argument("--bins", type=int, default=21, help="grid points per coefficient (21 puts AB2 on the grid)")
     method.add_argument("--order", type=int, default=4)
     method.add_argument("--hidden", type=int, default=256)
@@ -109,7 +109,7 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
         mode=args.mode,
         steps=tuple(args.steps),
         updates=args.updates,
-        lr=args.lr if args.lr is not None else {"ppo": 1e-3, "direct": 3e-4}[args.mode],
+        lr=args.lr,
         weight_decay=args.weight_decay,
         grad_clip=args.grad_clip,
         groups=args.groups,
