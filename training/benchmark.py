@@ -81,6 +81,7 @@ class BedResult:
     floors: dict[str, tuple[float, float | None]] = field(default_factory=dict)
     quality_note: str = ""
     steps_to_match: dict[str, dict[int, int | None]] = field(default_factory=dict)
+    match_notes: dict[str, dict[int, str]] = field(default_factory=dict)
     targets: dict[int, float] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -297,6 +298,7 @@ def steps_to_match(rows: list[Row], solver_rows: list[Row], references: Tensor, 
         result.targets[target] = cache[dpm_label, target]
     for row in solver_rows:
         found: dict[int, int | None] = {}
+        notes: dict[int, str] = {}
         for target in MATCH_TARGETS:
             found[target] = None
             for steps in range(2, MAX_MATCH_STEPS + 1):
@@ -306,8 +308,9 @@ def steps_to_match(rows: list[Row], solver_rows: list[Row], references: Tensor, 
                 rmse = cache[row.label, steps]
                 if rmse is not None and rmse <= result.targets[target]:
                     found[target] = steps
+                    notes[target] = row.note(steps)
                     break
-        result.steps_to_match[row.label] = found
+        result.steps_to_match[row.label], result.match_notes[row.label] = found, notes
 
 
 def sampler_overhead(files: list[Path], repeats: int) -> dict[str, float]:
@@ -388,7 +391,8 @@ def bed_table(result: BedResult, step_counts: tuple[int, ...]) -> str:
     lines.append(f"Quality floors ({' / '.join(result.quality_names)}): {floors}.")
     if result.quality_note:
         lines.append(result.quality_note)
-    if any("*" in note for notes in result.notes.values() for note in notes.values()):
+    all_notes = [*result.notes.values(), *result.match_notes.values()]
+    if any("*" in note for notes in all_notes for note in notes.values()):
         lines.append("`*`: a step count the policy was not trained for.")
     if result.steps_to_match:
         targets = ", ".join(f"{result.targets[t]:.3f} at {t} steps" for t in MATCH_TARGETS)
@@ -396,7 +400,8 @@ def bed_table(result: BedResult, step_counts: tuple[int, ...]) -> str:
         lines += ["| coefficients | " + " | ".join(f"match {t}-step dpmpp_2m" for t in MATCH_TARGETS) + " |"]
         lines += ["|---|" + "---|" * len(MATCH_TARGETS)]
         for label, found in result.steps_to_match.items():
-            cells = [str(found[t]) if found[t] is not None else f"> {MAX_MATCH_STEPS}" for t in MATCH_TARGETS]
+            notes = result.match_notes[label]
+            cells = [f"{found[t]}{notes[t]}" if found[t] is not None else f"> {MAX_MATCH_STEPS}" for t in MATCH_TARGETS]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append(f"\n({result.seconds:.0f} s)\n")
     return "\n".join(lines)
