@@ -1,6 +1,6 @@
 """The paper's user study, simulated: how many model calls does an artist spend per good image?
 
-    python -m consistency_solver.training.preview_loop [--coefficients PATH] [--threshold 0.9] [--seeds 16]
+    python -m consistency_solver.training.preview_loop [--coefficients PATH] [--thresholds 0.9 0.99] [--seeds 16]
 
 The artist wants an image of class c that the shipped Fashion-MNIST classifier (standing in for the
 artist's judgement) assigns to c with probability >= ``threshold``. Going through seeds in order, with
@@ -82,8 +82,9 @@ def judge(classifier: torch.nn.Module, images: Tensor, labels: Tensor, threshold
 
 
 def run(
-    coefficients_path: Path | None, classes: list[int], seeds: int, threshold: float, preview_steps: int
-) -> dict[str, Outcome]:
+    coefficients_path: Path | None, classes: list[int], seeds: int, thresholds: list[float], preview_steps: int
+) -> dict[float, dict[str, Outcome]]:
+    """Sample every preview and final once, then simulate the loop for each threshold."""
     from .testbeds.fashion import load_classifier
 
     coefficients = load_coefficients(resolve_coefficients(coefficients_path))
@@ -112,11 +113,28 @@ def run(
         previews["live preview"] = live[preview_steps]
         progress.update(1)
 
+    return {
+        threshold: simulate_requests(classifier, previews, finals, labels, threshold, len(classes), preview_steps)
+        for threshold in thresholds
+    }
+
+
+def simulate_requests(
+    classifier: torch.nn.Module,
+    previews: dict[str, Tensor],
+    finals: Tensor,
+    labels: Tensor,
+    threshold: float,
+    classes: int,
+    preview_steps: int,
+) -> dict[str, Outcome]:
+    """Judge every image at ``threshold`` and total the per-class simulations of every method."""
+    seeds = len(labels) // classes
     final_pass = judge(classifier, finals, labels, threshold)
     passes = {name: judge(classifier, images, labels, threshold) for name, images in previews.items()}
     passes["no preview"] = final_pass
     totals = {method: Outcome() for method in METHODS}
-    for k in range(len(classes)):
+    for k in range(classes):
         rows = slice(k * seeds, (k + 1) * seeds)
         for method in METHODS:
             outcome = simulate(method, passes[method][rows], final_pass[rows], preview_steps)
@@ -152,15 +170,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--coefficients", type=Path, help="coefficient file (default: the bundled default-eps)")
     parser.add_argument("--classes", type=int, nargs="+", default=list(range(10)), help="Fashion-MNIST classes")
     parser.add_argument("--seeds", type=int, default=16, help="held-out seeds per class")
-    parser.add_argument("--threshold", type=float, default=0.9, help="classifier probability an image must reach")
+    parser.add_argument(
+        "--thresholds", type=float, nargs="+", default=[0.9, 0.99], help="classifier probabilities to reach"
+    )
     parser.add_argument("--preview-steps", type=int, default=6)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # shared cores: one thread avoids contention
     try:
-        totals = run(args.coefficients, args.classes, args.seeds, args.threshold, args.preview_steps)
+        results = run(args.coefficients, args.classes, args.seeds, args.thresholds, args.preview_steps)
     except FileNotFoundError as error:
         raise SystemExit(f"error: {error}") from error
-    print(table(totals, args.seeds, len(args.classes), args.threshold, args.preview_steps))
+    for threshold, totals in results.items():
+        print(table(totals, args.seeds, len(args.classes), threshold, args.preview_steps) + "\n")
 
 
 if __name__ == "__main__":
