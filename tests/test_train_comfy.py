@@ -19,14 +19,7 @@ from consistency_solver.training.train.loop import Problem, TrainConfig, coeffic
 from consistency_solver.training.train.ppo import PPOSettings  # noqa: E402
 from consistency_solver.training.train.rewards import make_reward  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models on a shared 2-core machine run far faster on one thread than on contended two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(kind: str) -> ComfyModel:
