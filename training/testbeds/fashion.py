@@ -249,13 +249,13 @@ class FashionTestBed(TestBed):
     def __init__(self, guidance: float = 3.0, weights: Path | str = UNET_WEIGHTS):
         self.guidance = guidance
         self.weights = Path(weights)
-        self.unet = load_unet(self.weights)
+        # Frozen weights instead of no_grad: the trainer's direct mode back-propagates through x.
+        self.unet = load_unet(self.weights).requires_grad_(False)
 
     def identity(self) -> str:
         digest = hashlib.sha256(self.weights.read_bytes()).hexdigest()[:16]
         return f"{super().identity()}|weights={digest}"
 
-    @torch.no_grad()
     def denoise(self, x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
         count = x.shape[0]
         sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).expand(count)
