@@ -15,15 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..solver import PRESET_NAMES, CoefficientSource, Preset, load_coefficients, model_kind
+from ..solver.defaults import BUNDLED_DIR, DEFAULT_FILE_COMMANDS, default_file_name
 
 FOLDER_NAME = "consistency_solver"  # models/consistency_solver/ in ComfyUI's folder_paths
 AUTO = "auto"
 STORED_MODE = "as stored in the file"
 INFERENCE_MODE_CHOICES = (STORED_MODE, "mode", "expectation")
 MODEL_KINDS = ("eps", "flow")
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "solver" / "bundled"
-# How the pack's default files are made; named in the error when one is missing.
-DEFAULT_FILE_COMMAND = "python -m consistency_solver.training"
 
 Locate = Callable[[str], str]
 
@@ -43,9 +41,7 @@ class CoefficientSelection:
 
 def default_coefficient_path(kind: str) -> Path:
     """The bundled file used for a model family when nothing else is chosen (``auto``, KSampler by name)."""
-    if kind not in MODEL_KINDS:
-        raise ValueError(f"model kind must be one of {MODEL_KINDS}, got {kind!r}")
-    return BUNDLED_DIR / f"default-{kind}.safetensors"
+    return BUNDLED_DIR / default_file_name(kind)
 
 
 def coefficient_choices(file_names: list[str]) -> list[str]:
@@ -62,7 +58,7 @@ def resolve_coefficients(selection: CoefficientSelection, kind: str, locate: Loc
         if not path.is_file():
             raise FileNotFoundError(
                 f"the pack's default coefficients for {kind} models, {path}, are missing. Fix: create them with "
-                f"`{DEFAULT_FILE_COMMAND}`, or pick a coefficient file or a preset in the "
+                f"`{DEFAULT_FILE_COMMANDS[kind]}`, or pick a coefficient file or a preset in the "
                 "SamplerConsistencySolver / Consistency Solver Coefficients node instead of 'auto'"
             )
     else:

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from ..solver import PRESET_NAMES, Preset, TableCoefficients, load_coefficients, model_kind, sample_consistency_solver
+from ..solver.defaults import BUNDLED_DIR
 from ..solver.schedules import DiscreteSchedule
 from . import comfy_backend
 from .baselines import BASELINE_LABEL, sample_dpmpp_2m
@@ -41,8 +42,6 @@ from .metrics import consistency_rmse, frechet_distance, label_agreement, mode_t
 from .references import held_out_seeds, reference_finals, seeded_batch
 from .testbeds import FASHION_BED, GMMTestBed, TestBed, get_testbed
 
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-BUNDLED_DIR = PACKAGE_ROOT / "solver" / "bundled"
 CACHE_DIR = Path(".cache") / "references"
 STEP_COUNTS = (4, 5, 6, 8, 10, 12)
 QUICK_STEP_COUNTS = (4, 6)

@@ -21,18 +21,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..solver import load_coefficients, sample_consistency_solver
+from ..solver.defaults import BUNDLED_DIR, DEFAULT_FILE_COMMANDS, default_file_name
 from ..solver.schedules import DiscreteSchedule
 from .baselines import sample_dpmpp_2m
-from .benchmark import BUNDLED_DIR
 from .metrics import psnr, rmse_per_sample, ssim
 from .references import HELD_OUT_SEED_START, reference_finals, seeded_batch
 from .testbeds import FASHION_BED, get_testbed
 
-DEFAULT_COEFFICIENTS = BUNDLED_DIR / "default-eps.safetensors"
-MAKE_DEFAULT = (
-    "python -m consistency_solver.training --bed fashion-eps-cfg --bed gmm-image-eps-cfg --mode direct "
-    "--output solver/bundled/default-eps.safetensors"
-)
+DEFAULT_COEFFICIENTS = BUNDLED_DIR / default_file_name("eps")
 PREVIEW_STEPS = 6
 FINAL_STEPS = 40
 SCALE = 3  # 28 px -> 84 px per image
@@ -46,7 +42,7 @@ def resolve_coefficients(path: Path | None) -> Path:
         if path is None:
             raise FileNotFoundError(
                 f"the bundled default coefficient file {DEFAULT_COEFFICIENTS} is missing; make it with "
-                f"`{MAKE_DEFAULT}`, or pass --coefficients PATH"
+                f"`{DEFAULT_FILE_COMMANDS['eps']}`, or pass --coefficients PATH"
             )
         raise FileNotFoundError(f"coefficient file {chosen} does not exist; check --coefficients")
     return chosen

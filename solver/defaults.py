@@ -1,0 +1,25 @@
+"""Where the pack's bundled coefficient files live, and how the per-family defaults are made.
+
+One place for nodes (``auto`` and KSampler by name), the benchmark and the demo; the commands are the
+ones recorded in the files' metadata and in README.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
+_TRAIN = "python -m consistency_solver.training --steps 4-12 --mode ppo --updates 800 --eval-every 200"
+DEFAULT_FILE_COMMANDS = {
+    "eps": f"{_TRAIN} --bed gmm-image-eps-cfg --bed gmm-image-eps --bed gmm-vector-eps-cfg --bed gmm-vector-eps "
+    "--output solver/bundled/default-eps.safetensors",
+    "flow": f"{_TRAIN} --bed gmm-image-flow-cfg --bed gmm-image-flow --bed gmm-vector-flow-cfg --bed gmm-vector-flow "
+    "--output solver/bundled/default-flow.safetensors",
+}
+
+
+def default_file_name(kind: str) -> str:
+    """``default-eps.safetensors`` or ``default-flow.safetensors``: the default for a model family."""
+    if kind not in DEFAULT_FILE_COMMANDS:
+        raise ValueError(f"model kind must be one of {tuple(DEFAULT_FILE_COMMANDS)}, got {kind!r}")
+    return f"default-{kind}.safetensors"
