@@ -4,6 +4,7 @@ from .coefficients import PRESET_NAMES, CoefficientSource, Preset, TableCoeffici
 from .files import CoefficientFileError, load_coefficients, model_kind, save_coefficients
 from .policy import ConsistencyPolicy, PolicyCoefficients, actions_to_weights, active_action_mask
 from .sampling import coefficient_table, sample_consistency_solver, to_d
+from .schedules import StepSchedule
 from .time_features import TIME_FEATURE_KINDS, time_features
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "ConsistencyPolicy",
     "PolicyCoefficients",
     "Preset",
+    "StepSchedule",
     "TableCoefficients",
     "actions_to_weights",
     "active_action_mask",

@@ -3,7 +3,8 @@
 The sampler takes ``x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * sum_k w_k(i) d_{i+1-k}``. A source
 gives the table ``w`` of shape [steps, order] (float64, CPU), newest derivative first; row i has
 ``min(i + 1, order)`` usable entries (the rest are 0) and sums to 1. Every source (a preset, a
-learned policy, a plain table) answers ``weights(sigmas, sigma_to_timestep)`` once per run.
+learned policy, a plain table) answers ``weights(sigmas, sigma_to_timestep)`` once per run, and
+has a ``schedule``: the learned ``StepSchedule`` it was trained with, or None (it works on any sigmas).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from .schedules import StepSchedule
 from .time_features import SigmaToTimestep
 
 PRESET_NAMES = ("euler", "ab2", "ab3", "ab4", "ipndm")
@@ -24,6 +26,7 @@ _IPNDM_WEIGHTS = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24
 @runtime_checkable
 class CoefficientSource(Protocol):
     order: int
+    schedule: StepSchedule | None
 
     def weights(self, sigmas: torch.Tensor, sigma_to_timestep: SigmaToTimestep | None = None) -> torch.Tensor: ...
 
@@ -56,6 +59,7 @@ class Preset:
     Adams-Bashforth on the actual sigma grid) or ``ipndm`` (ComfyUI's fixed equal-step AB4 weights)."""
 
     name: str
+    schedule = None  # presets work on whatever sigmas they are given
 
     def __post_init__(self) -> None:
         if self.name not in PRESET_NAMES:
@@ -82,6 +86,7 @@ class TableCoefficients:
     tables: dict[int, torch.Tensor]
     order: int
     metadata: dict[str, str] = field(default_factory=dict, compare=False)
+    schedule: StepSchedule | None = None
 
     def weights(self, sigmas: torch.Tensor, sigma_to_timestep: SigmaToTimestep | None = None) -> torch.Tensor:
         steps = len(sigmas) - 1

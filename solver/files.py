@@ -21,6 +21,9 @@ training            JSON summary of how it was made (command, reward, model eval
 
 Policy tensors: ``mlp.0.weight/bias``, ``mlp.2.weight/bias``, ``mlp.4.weight/bias``,
 ``action_values``. Table tensors: ``weights.N<steps>`` of shape [steps, order].
+Optional, for either kind, a learned schedule: ``schedule.N<steps>`` of shape [steps] for every
+trained step count (``solver.schedules.StepSchedule``: increasing positions in log sigma, 0 at
+sigma_max, 1 at sigma_min).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from safetensors.torch import save_file
 
 from .coefficients import TableCoefficients
 from .policy import INFERENCE_MODES, ConsistencyPolicy, PolicyCoefficients
+from .schedules import StepSchedule, validate_positions
 from .time_features import TIME_FEATURE_KINDS
 
 FORMAT = "consistency-solver-coefficients"
@@ -114,6 +118,11 @@ def save_coefficients(
             for n, table in coefficients.tables.items()
         }
         metadata |= {"kind": "table", "trained_steps": ",".join(str(n) for n in sorted(coefficients.tables))}
+    if coefficients.schedule is not None:
+        tensors |= {
+            f"schedule.N{n}": positions.detach().to("cpu", torch.float64).contiguous()
+            for n, positions in coefficients.schedule.positions.items()
+        }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, os.fspath(path), metadata=metadata)
 
@@ -172,12 +181,30 @@ def load_coefficients(
     for name, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
             fail(f"tensor {name!r} contains NaN or infinite values")
+    schedule = _schedule_from_file(tensors, trained_steps, fail)
     if kind == "table":
-        return _table_from_file(path, tensors, metadata, order, trained_steps, fail)
-    return _policy_from_file(tensors, metadata, order, trained_steps, mode, allow_untrained_steps, fail)
+        return _table_from_file(path, tensors, metadata, order, trained_steps, fail, schedule)
+    return _policy_from_file(tensors, metadata, order, trained_steps, mode, allow_untrained_steps, fail, schedule)
 
 
-def _table_from_file(path, tensors, metadata, order, trained_steps, fail) -> TableCoefficients:
+def _schedule_from_file(tensors, trained_steps, fail) -> StepSchedule | None:
+    """Pop the ``schedule.N*`` tensors (all trained step counts, or none) into a StepSchedule."""
+    names = sorted(name for name in tensors if name.startswith("schedule."))
+    if not names:
+        return None
+    expected = sorted(f"schedule.N{n}" for n in trained_steps)
+    if names != expected:
+        fail(f"schedule tensors {names} do not match trained_steps {trained_steps} (expected {expected})")
+    positions = {}
+    for n in trained_steps:
+        positions[n] = tensors.pop(f"schedule.N{n}").to(torch.float64)
+        problem = validate_positions(positions[n], n)
+        if problem:
+            fail(f"schedule.N{n}: {problem}")
+    return StepSchedule(positions)
+
+
+def _table_from_file(path, tensors, metadata, order, trained_steps, fail, schedule) -> TableCoefficients:
     expected = {f"weights.N{n}" for n in trained_steps}
     if set(tensors) != expected:
         fail(f"tensors {sorted(tensors)} do not match trained_steps {trained_steps} (expected {sorted(expected)})")
@@ -189,10 +216,12 @@ def _table_from_file(path, tensors, metadata, order, trained_steps, fail) -> Tab
         if not torch.allclose(table.sum(dim=1), torch.ones(n, dtype=torch.float64), atol=1e-5):
             fail(f"rows of weights.N{n} do not sum to 1: {table.sum(dim=1).tolist()}")
         tables[n] = table
-    return TableCoefficients(tables=tables, order=order, metadata=metadata)
+    return TableCoefficients(tables=tables, order=order, metadata=metadata, schedule=schedule)
 
 
-def _policy_from_file(tensors, metadata, order, trained_steps, mode, allow_untrained_steps, fail) -> PolicyCoefficients:
+def _policy_from_file(
+    tensors, metadata, order, trained_steps, mode, allow_untrained_steps, fail, schedule
+) -> PolicyCoefficients:
     if set(tensors) != set(POLICY_TENSORS):
         fail(f"policy tensors are {sorted(tensors)}, expected {sorted(POLICY_TENSORS)}")
     if metadata["inference_mode"] not in INFERENCE_MODES:
@@ -226,4 +255,5 @@ def _policy_from_file(tensors, metadata, order, trained_steps, mode, allow_untra
         mode=mode or metadata["inference_mode"],
         allow_untrained_steps=allow_untrained_steps,
         metadata=metadata,
+        schedule=schedule,
     )

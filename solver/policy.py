@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .coefficients import history_lengths
+from .schedules import StepSchedule
 from .time_features import SigmaToTimestep, time_features
 
 INFERENCE_MODES = ("mode", "expectation")
@@ -108,6 +109,7 @@ class PolicyCoefficients:
     mode: str = "mode"
     allow_untrained_steps: bool = False
     metadata: dict[str, str] = field(default_factory=dict, compare=False)
+    schedule: StepSchedule | None = None  # the schedule it was trained with, when learned jointly
 
     def __post_init__(self) -> None:
         if self.mode not in INFERENCE_MODES:

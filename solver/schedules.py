@@ -1,12 +1,14 @@
 """Noise schedules in pure torch: the discrete SD1.x (VP, epsilon) schedule and common sigma grids.
 
 These mirror what ComfyUI computes (``ModelSamplingDiscrete``, the ``simple`` and ``karras``
-schedulers) so that the solver, the tests and the trainer can build the same sigmas without ComfyUI.
+schedulers) so that the solver, the tests and the trainer can build the same sigmas without ComfyUI,
+and the learned schedules a coefficient file may carry (``StepSchedule``).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -73,3 +75,60 @@ def exponential_sigmas(steps: int, sigma_min: float, sigma_max: float) -> torch.
     """Log-uniform schedule from sigma_max to sigma_min, ending in 0."""
     sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64).exp()
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+
+
+def schedule_positions(sigmas: torch.Tensor, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """Where each nonzero sigma of a schedule lies between sigma_max (0) and sigma_min (1), in log sigma.
+
+    Positions, not sigmas, are what a learned schedule stores: they carry over to any model's sigma range.
+    """
+    span = math.log(sigma_min) - math.log(sigma_max)
+    return (sigmas[:-1].log() - math.log(sigma_max)) / span
+
+
+def sigmas_from_positions(positions: torch.Tensor, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """The inverse of ``schedule_positions``, with the final 0 appended (differentiable in ``positions``)."""
+    span = math.log(sigma_min) - math.log(sigma_max)
+    sigmas = (math.log(sigma_max) + positions * span).exp()
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    """A learned schedule: for each trained step count N, N increasing positions (see ``schedule_positions``).
+
+    Position 0 is sigma_max, where sampling from pure noise starts; the last step goes to sigma 0.
+    """
+
+    positions: dict[int, torch.Tensor]
+
+    def __post_init__(self) -> None:
+        for steps, positions in self.positions.items():
+            problem = validate_positions(positions, steps)
+            if problem:
+                raise ValueError(f"schedule for {steps} steps: {problem}")
+
+    def sigmas(self, steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+        """The schedule of ``steps`` steps for a model whose sigmas span [sigma_min, sigma_max], ending in 0."""
+        if steps not in self.positions:
+            trained = ", ".join(str(n) for n in sorted(self.positions))
+            raise ValueError(
+                f"the learned schedule covers {trained} steps, not {steps}; use one of those step counts or "
+                "another scheduler"
+            )
+        return sigmas_from_positions(self.positions[steps].to(torch.float64), sigma_min, sigma_max)
+
+
+def validate_positions(positions: torch.Tensor, steps: int) -> str | None:
+    """Why ``positions`` cannot be an N-step schedule, or None when it can."""
+    if positions.shape != (steps,):
+        return f"shape {tuple(positions.shape)}, expected ({steps},)"
+    if not torch.isfinite(positions).all():
+        return "positions are not finite"
+    if abs(float(positions[0])) > 1e-6:
+        return f"the first position is {float(positions[0])}, it must be 0 (sigma_max)"
+    if steps > 1 and not (positions[1:] > positions[:-1]).all():
+        return f"positions must increase strictly, got {positions.tolist()}"
+    if float(positions[-1]) > 1 + 1e-6:
+        return f"the last position is {float(positions[-1])}, beyond sigma_min (1)"
+    return None

@@ -1,5 +1,6 @@
 """Coefficient files: round trips, and a clear CoefficientFileError for every kind of broken file."""
 
+import dataclasses
 import json
 import pickle
 
@@ -11,12 +12,13 @@ from consistency_solver.solver import (
     CoefficientFileError,
     ConsistencyPolicy,
     PolicyCoefficients,
+    StepSchedule,
     TableCoefficients,
     load_coefficients,
     save_coefficients,
 )
 from consistency_solver.solver.files import FORMAT
-from consistency_solver.solver.schedules import karras_sigmas
+from consistency_solver.solver.schedules import karras_sigmas, schedule_positions, sigmas_from_positions
 
 
 def trained_policy(order: int = 4, bins: int = 11) -> PolicyCoefficients:
@@ -171,3 +173,73 @@ def test_every_error_is_a_value_error_naming_the_fix(policy_file):
     with pytest.raises(ValueError) as error:
         load_coefficients(rewrite(policy_file, format=FORMAT + "-v2"))
     assert "broken.safetensors" in str(error.value) and "Fix:" in str(error.value)
+
+
+def learned_schedule(steps=(3, 4)) -> StepSchedule:
+    return StepSchedule({n: torch.linspace(0, 0.9, n, dtype=torch.float64) ** 1.5 for n in steps})
+
+
+@pytest.mark.parametrize("kind", ["policy", "table"])
+def test_learned_schedule_round_trip(tmp_path, kind):
+    if kind == "policy":
+        source = dataclasses.replace(trained_policy(), trained_steps=(3, 4), schedule=learned_schedule())
+    else:
+        tables = {n: torch.tensor([[1.0, 0.0]] * n, dtype=torch.float64) for n in (3, 4)}
+        source = TableCoefficients(tables, order=2, schedule=learned_schedule())
+    path = tmp_path / "scheduled.safetensors"
+    save_coefficients(path, source, model_family="gmm-eps")
+    loaded = load_coefficients(path)
+    for n in (3, 4):
+        expected = learned_schedule().sigmas(n, 0.03, 14.6)
+        assert torch.equal(loaded.schedule.sigmas(n, 0.03, 14.6), expected)
+        assert expected[0] == pytest.approx(14.6) and expected[-1] == 0
+
+
+def test_files_without_a_schedule_load_with_none(policy_file):
+    assert load_coefficients(policy_file).schedule is None
+
+
+@pytest.fixture
+def scheduled_file(tmp_path):
+    path = tmp_path / "scheduled.safetensors"
+    source = dataclasses.replace(trained_policy(), trained_steps=(3, 4), schedule=learned_schedule())
+    save_coefficients(path, source, model_family="gmm-eps")
+    return path
+
+
+@pytest.mark.parametrize(
+    "positions, message",
+    [
+        (torch.tensor([0.0, 0.5, 0.4], dtype=torch.float64), "increase strictly"),
+        (torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64), "must be 0"),
+        (torch.tensor([0.0, 0.5, 1.5], dtype=torch.float64), "beyond sigma_min"),
+        (torch.tensor([0.0, 0.5], dtype=torch.float64), "shape"),
+    ],
+)
+def test_broken_schedule_is_refused(scheduled_file, positions, message):
+    with pytest.raises(CoefficientFileError, match=message):
+        load_coefficients(rewrite(scheduled_file, {"schedule.N3": positions}))
+
+
+def test_schedule_must_cover_every_trained_step_count(scheduled_file):
+    from safetensors import safe_open
+
+    with safe_open(str(scheduled_file), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+        stored = {name: handle.get_tensor(name) for name in handle.keys() if name != "schedule.N4"}
+    partial = scheduled_file.with_name("partial.safetensors")
+    save_file(stored, str(partial), metadata=metadata)
+    with pytest.raises(CoefficientFileError, match="do not match trained_steps"):
+        load_coefficients(partial)
+
+
+def test_schedule_refuses_untrained_step_counts():
+    with pytest.raises(ValueError, match="covers 3, 4 steps, not 6; use one of those step counts or another scheduler"):
+        learned_schedule().sigmas(6, 0.03, 14.6)
+
+
+def test_positions_invert_sigmas():
+    sigmas = karras_sigmas(7, 0.03, 14.6)
+    positions = schedule_positions(sigmas, 0.03, 14.6)
+    assert float(positions[0]) == pytest.approx(0, abs=1e-12) and float(positions[-1]) == pytest.approx(1)
+    assert torch.allclose(sigmas_from_positions(positions, 0.03, 14.6), sigmas, rtol=1e-12, atol=0)
