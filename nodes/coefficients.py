@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..solver import PRESET_NAMES, CoefficientSource, Preset, load_coefficients, model_kind
 from ..solver.defaults import BUNDLED_DIR, DEFAULT_FILE_COMMANDS, default_file_name
 
@@ -22,6 +24,8 @@ AUTO = "auto"
 STORED_MODE = "as stored in the file"
 INFERENCE_MODE_CHOICES = (STORED_MODE, "mode", "expectation")
 MODEL_KINDS = ("eps", "flow")
+SCHEDULER_NAME = "consistency_solver"  # the learned schedule, as a node and in ComfyUI's scheduler lists
+TRAIN_SCHEDULE_COMMAND = "python -m consistency_solver.training --mode direct --schedule learned"
 
 Locate = Callable[[str], str]
 
@@ -107,3 +111,68 @@ def file_fingerprint(choice: str, locate: Locate) -> str:
         return choice
     paths = [os.fspath(default_coefficient_path(kind)) for kind in MODEL_KINDS] if choice == AUTO else [locate(choice)]
     return ";".join(f"{path}:{_modified(path)}" for path in paths)
+
+
+def describe_choice(choice: str, kind: str) -> str:
+    """How an error message names a coefficient choice for a model of ``kind``."""
+    if choice in PRESET_NAMES:
+        return f"the preset {choice!r}"
+    if choice == AUTO:
+        return f"the pack's default coefficients for {kind} models ({default_file_name(kind)})"
+    return f"coefficient file {choice!r}"
+
+
+def schedule_steps(steps: int, denoise: float) -> int:
+    """How many steps the full schedule has, as BasicScheduler and KSampler count them: steps / denoise."""
+    return steps if denoise >= 1.0 else int(steps / denoise)
+
+
+def learned_sigmas(
+    source: CoefficientSource,
+    steps: int,
+    denoise: float,
+    sigma_min: float,
+    sigma_max: float,
+    described_as: str,
+    steps_note: str = "",
+    by_name: bool = False,
+) -> torch.Tensor:
+    """The SIGMAS of a source's learned schedule for a model spanning [sigma_min, sigma_max] (float32, CPU).
+
+    ``denoise`` < 1 works as in BasicScheduler: the schedule of ``int(steps / denoise)`` steps, of which the
+    last ``steps + 1`` sigmas are kept, so that total must be a trained step count. ``denoise`` <= 0 gives
+    no sigmas (no steps), as in BasicScheduler. ``described_as`` names the source in errors, ``steps_note``
+    says how the caller counted the steps, ``by_name`` that it came from a scheduler list (no file choice).
+    """
+    if denoise <= 0.0:
+        return torch.zeros(0)
+    other_schedulers = "or use another scheduler (simple, karras, ...) with the consistency_solver sampler"
+    if source.schedule is None:
+        where = (
+            "by name only the default file is read: use the Consistency Solver Scheduler node with"
+            if by_name
+            else "choose"
+        )
+        raise ValueError(
+            f"the {SCHEDULER_NAME} scheduler reads the schedule learned with the coefficients, but there is "
+            f"none in {described_as}. Fix: {where} a coefficient file trained with a schedule "
+            f"(`{TRAIN_SCHEDULE_COMMAND}`), {other_schedulers}"
+        )
+    total = schedule_steps(steps, denoise)
+    trained = sorted(source.schedule.positions)
+    if total not in trained:
+        asked = f"{total} steps" if total == steps else f"{total} steps ({steps} steps at denoise {denoise:g})"
+        raise ValueError(
+            f"the learned schedule of {described_as} covers {_step_counts(trained)} steps, not {asked}{steps_note}. "
+            f"Fix: pick a trained step count, train a schedule for {total} steps (`{TRAIN_SCHEDULE_COMMAND} "
+            f"--steps ...`), {other_schedulers}"
+        )
+    sigmas = source.schedule.sigmas(total, float(sigma_min), float(sigma_max))
+    return sigmas[-(steps + 1) :].to(torch.float32)
+
+
+def _step_counts(counts: list[int]) -> str:
+    """``4, 5, 6, 8`` or, for a run without gaps, ``4-12``."""
+    if len(counts) > 2 and counts == list(range(counts[0], counts[-1] + 1)):
+        return f"{counts[0]}-{counts[-1]}"
+    return ", ".join(str(n) for n in counts)

@@ -11,7 +11,9 @@ from typing import Any
 from .coefficients import (
     FOLDER_NAME,
     INFERENCE_MODE_CHOICES,
+    SCHEDULER_NAME,
     STORED_MODE,
+    TRAIN_SCHEDULE_COMMAND,
     CoefficientSelection,
     coefficient_choices,
     file_fingerprint,
@@ -19,9 +21,12 @@ from .coefficients import (
 from .preview_state import DEFAULT_REFINE_SAMPLER, SELECT_ALL
 
 CATEGORY = "sampling/consistency_solver"
+SCHEDULER_CATEGORY = "sampling/custom_sampling/schedulers"  # beside BasicScheduler and KarrasScheduler
 COEFFICIENTS_TYPE = "CONSISTENCY_COEFFICIENTS"
 PREVIEW_STATE_TYPE = "PREVIEW_STATE"
-DEFAULT_SCHEDULER = "simple"  # the stock KSampler's default, so Preview/Refine behave like it out of the box
+# The stock KSampler's default, so Preview/Refine behave like it out of the box. Not consistency_solver: it works
+# only with a file trained with a schedule (presets and older files have none) and for its trained step counts.
+DEFAULT_SCHEDULER = "simple"
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
 
 
@@ -158,6 +163,57 @@ class SamplerConsistencySolver:
         return (_runtime().consistency_sampler(selection),)
 
 
+class ConsistencySolverScheduler:
+    DESCRIPTION = (
+        "SIGMAS from the schedule learned together with ConsistencySolver coefficients (the "
+        f"'{SCHEDULER_NAME}' scheduler, with a coefficient choice). Needs a file trained with a schedule "
+        f"(`{TRAIN_SCHEDULE_COMMAND}`) and one of its trained step counts."
+    )
+    CATEGORY = SCHEDULER_CATEGORY
+    RETURN_TYPES = ("SIGMAS",)
+    OUTPUT_TOOLTIPS = ("The learned noise levels over this model's sigma range, ending at 0.",)
+    FUNCTION = "get_sigmas"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The diffusion model: its sigma range and family (EPS or flow)."}),
+                "steps": (
+                    "INT",
+                    {
+                        "default": 8,
+                        "min": 1,
+                        "max": 10000,
+                        "tooltip": "Sampling steps; the file must have a schedule for this count (steps / denoise "
+                        "when denoise < 1). The error lists the trained counts.",
+                    },
+                ),
+                "denoise": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "As in BasicScheduler: below 1, the last 'steps' steps of a steps / denoise "
+                        "schedule (image-to-image).",
+                    },
+                ),
+                "coefficients": _coefficient_widget(),
+            },
+            "optional": _loaded_coefficients_input(),
+        }
+
+    IS_CHANGED = ConsistencySolverCoefficients.IS_CHANGED
+
+    def get_sigmas(
+        self, model: Any, steps: int, denoise: float, coefficients: str, loaded_coefficients: Any = None
+    ) -> tuple[Any]:
+        selection = _selection(coefficients, STORED_MODE, False, loaded_coefficients)
+        return (_runtime().schedule_sigmas(model.get_model_object("model_sampling"), steps, denoise, selection),)
+
+
 class DiffusionPreview:
     DESCRIPTION = (
         "A fast few-step draft of exactly the image DiffusionRefine (or a KSampler with the same seed) renders: "
@@ -199,7 +255,10 @@ class DiffusionPreview:
                     {"default": 8, "min": 1, "max": 100, "tooltip": "Preview steps: fewer is faster, 4-10 is typical."},
                 ),
                 "cfg": _cfg_input(),
-                "scheduler": _scheduler_input("How the noise levels are spaced over the preview steps."),
+                "scheduler": _scheduler_input(
+                    "How the noise levels are spaced over the preview steps. consistency_solver: the schedule "
+                    "learned with the chosen coefficients (a file trained with a schedule, trained step counts)."
+                ),
                 "denoise": (
                     "FLOAT",
                     {
@@ -279,7 +338,11 @@ class DiffusionRefine:
                 ),
                 "steps": ("INT", {"default": 30, "min": 1, "max": 10000, "tooltip": "Steps of the full render."}),
                 "cfg": _cfg_input(),
-                "scheduler": _scheduler_input("How the noise levels are spaced over the refine steps."),
+                "scheduler": _scheduler_input(
+                    "How the noise levels are spaced over the refine steps: its own choice, whatever the preview "
+                    "used (the start is the same noise level at denoise 1). consistency_solver works only for a "
+                    "step count the preview's file has a learned schedule for; keep a stock one for 30 steps."
+                ),
             },
             "optional": {
                 "sampler": (
@@ -317,10 +380,12 @@ NODE_CLASS_MAPPINGS = {
     "SamplerConsistencySolver": SamplerConsistencySolver,
     "DiffusionPreview": DiffusionPreview,
     "DiffusionRefine": DiffusionRefine,
+    "ConsistencySolverScheduler": ConsistencySolverScheduler,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "ConsistencySolverCoefficients": "Consistency Solver Coefficients",
     "SamplerConsistencySolver": "Consistency Solver Sampler",
     "DiffusionPreview": "Diffusion Preview (fast draft)",
     "DiffusionRefine": "Diffusion Refine (final render)",
+    "ConsistencySolverScheduler": "Consistency Solver Scheduler",
 }

@@ -1,4 +1,4 @@
-"""Everything that needs ComfyUI: sampler registration, the model-folder, and the Preview/Refine runs.
+"""Everything that needs ComfyUI: sampler and scheduler registration, the model-folder, the Preview/Refine runs.
 
 Imported only from ``register()`` and from node functions, i.e. inside a running ComfyUI.
 """
@@ -20,7 +20,16 @@ import torch
 
 from ..solver import CoefficientSource
 from ..solver import sample_consistency_solver as solver_sample
-from .coefficients import BUNDLED_DIR, FOLDER_NAME, CoefficientSelection, resolve_coefficients
+from .coefficients import (
+    AUTO,
+    BUNDLED_DIR,
+    FOLDER_NAME,
+    SCHEDULER_NAME,
+    CoefficientSelection,
+    describe_choice,
+    learned_sigmas,
+    resolve_coefficients,
+)
 from .preview_state import (
     DEFAULT_REFINE_SAMPLER,
     PreviewState,
@@ -33,19 +42,31 @@ from .preview_state import (
 SAMPLER_NAME = "consistency_solver"
 _FINGERPRINT_PERCENTS = (0.25, 0.5, 0.75)
 _BY_NAME = CoefficientSelection()  # what KSampler's sampler list gets: auto, stored mode, trained steps only
+# KSampler's own step counting, which the by-name scheduler cannot see; named when a step count is refused.
+_ONE_MORE_STEP = ", ".join(sorted(comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS))
+_KSAMPLER_STEPS_NOTE = (
+    f"; KSampler and BasicScheduler ask for steps / denoise when denoise < 1, and KSampler for one step more "
+    f"with {_ONE_MORE_STEP}"
+)
 
 
 def register() -> None:
-    """Make ``consistency_solver`` a stock sampler name and ``models/consistency_solver`` a model folder.
+    """Make ``consistency_solver`` a stock sampler and scheduler name and ``models/consistency_solver`` a folder.
 
-    The lists are extended in place: KSampler, KSamplerAdvanced and KSamplerSelect read the very
-    objects ``comfy.samplers.SAMPLER_NAMES`` / ``KSampler.SAMPLERS`` every time they build their
-    inputs. Safe to call again (ComfyUI and the tests may both import the pack).
+    The lists are extended in place: KSampler, KSamplerAdvanced, KSamplerSelect and BasicScheduler read
+    the very objects ``comfy.samplers.SAMPLER_NAMES`` / ``KSampler.SAMPLERS`` and ``SCHEDULER_NAMES`` /
+    ``KSampler.SCHEDULERS`` every time they build their inputs, and ``calculate_sigmas`` looks names up
+    in ``SCHEDULER_HANDLERS``. Safe to call again (ComfyUI and the tests may both import the pack).
     """
     setattr(comfy.k_diffusion.sampling, f"sample_{SAMPLER_NAME}", sample_consistency_solver)
     for names in (comfy.samplers.KSAMPLER_NAMES, comfy.samplers.SAMPLER_NAMES):
         if SAMPLER_NAME not in names:
             names.append(SAMPLER_NAME)
+    comfy.samplers.SCHEDULER_HANDLERS[SCHEDULER_NAME] = comfy.samplers.SchedulerHandler(
+        consistency_solver_scheduler, use_ms=True
+    )
+    if SCHEDULER_NAME not in comfy.samplers.SCHEDULER_NAMES:
+        comfy.samplers.SCHEDULER_NAMES.append(SCHEDULER_NAME)
     register_model_folder()
 
 
@@ -105,6 +126,35 @@ def consistency_sampler(selection: CoefficientSelection) -> comfy.samplers.KSAMP
     return comfy.samplers.KSAMPLER(sample_consistency_solver, extra_options={"selection": selection})
 
 
+def schedule_sigmas(model_sampling: Any, steps: int, denoise: float, selection: CoefficientSelection) -> torch.Tensor:
+    """The learned schedule of the chosen coefficients over this model's sigma range (see ``learned_sigmas``)."""
+    return learned_sigmas(
+        coefficients_for(model_sampling, selection),
+        steps,
+        denoise,
+        float(model_sampling.sigma_min),
+        float(model_sampling.sigma_max),
+        describe_choice(selection.choice, model_kind(model_sampling)),
+    )
+
+
+def consistency_solver_scheduler(model_sampling: Any, steps: int) -> torch.Tensor:
+    """The ``consistency_solver`` entry of ComfyUI's scheduler lists (``calculate_sigmas`` calls it).
+
+    By name it uses the pack's default file for the model family, as the sampler of that name does.
+    """
+    return learned_sigmas(
+        coefficients_for(model_sampling, _BY_NAME),
+        steps,
+        1.0,  # KSampler and BasicScheduler have already turned denoise into the step count
+        float(model_sampling.sigma_min),
+        float(model_sampling.sigma_max),
+        describe_choice(AUTO, model_kind(model_sampling)),
+        steps_note=_KSAMPLER_STEPS_NOTE,
+        by_name=True,
+    )
+
+
 def ksampler_sigmas(model: Any, steps: int, scheduler: str, denoise: float) -> torch.Tensor:
     """The sigmas the stock KSampler uses for (steps, scheduler, denoise), by asking ComfyUI's own KSampler."""
     if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
@@ -112,6 +162,16 @@ def ksampler_sigmas(model: Any, steps: int, scheduler: str, denoise: float) -> t
         raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {comfy.samplers.KSampler.SCHEDULERS}")
     sampler = comfy.samplers.KSampler(model, steps=steps, device="cpu", scheduler=scheduler, denoise=denoise)
     return sampler.sigmas
+
+
+def node_sigmas(
+    model: Any, steps: int, scheduler: str, denoise: float, selection: CoefficientSelection
+) -> torch.Tensor:
+    """Preview/Refine sigmas: the stock KSampler's, except that ``consistency_solver`` is the schedule
+    learned with ``selection`` (the preview's coefficients) rather than with the default file."""
+    if scheduler == SCHEDULER_NAME:
+        return schedule_sigmas(model.get_model_object("model_sampling"), steps, denoise, selection)
+    return ksampler_sigmas(model, steps, scheduler, denoise)
 
 
 def fingerprint(model: Any) -> str:
@@ -171,7 +231,7 @@ def run_preview(
     latent = dict(latent_image)
     latent["samples"] = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
     noise = comfy.sample.prepare_noise(latent["samples"], seed, latent.get("batch_index"))
-    sigmas = ksampler_sigmas(model, steps, scheduler, denoise)
+    sigmas = node_sigmas(model, steps, scheduler, denoise, selection)
     preview = sample_latent(model, noise, latent, consistency_sampler(selection), sigmas, cfg, positive, negative, seed)
     state = PreviewState(
         seed=seed,
@@ -203,6 +263,6 @@ def run_refine(
     latent_channels = model.get_model_object("latent_format").latent_channels
     check_state_fits(state, fingerprint(model), latent_channels)
     chosen = select_previews(state, parse_selection(select, state.batch_size))
-    sigmas = ksampler_sigmas(model, steps, scheduler, state.denoise)
+    sigmas = node_sigmas(model, steps, scheduler, state.denoise, CoefficientSelection(state.coefficients))
     sampler = sampler if sampler is not None else comfy.samplers.sampler_object(DEFAULT_REFINE_SAMPLER)
     return sample_latent(model, chosen.noise, chosen.latent, sampler, sigmas, cfg, positive, negative, state.seed)

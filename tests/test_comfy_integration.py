@@ -17,17 +17,27 @@ from fixtures import tiny_models  # noqa: E402
 import nodes  # noqa: E402  (ComfyUI's nodes.py, loaded by require_comfyui)
 from consistency_solver.nodes import coefficients, register, runtime  # noqa: E402
 from consistency_solver.nodes.definitions import (  # noqa: E402
+    ConsistencySolverScheduler,
     DiffusionPreview,
     DiffusionRefine,
     SamplerConsistencySolver,
 )
-from consistency_solver.solver import Preset, TableCoefficients, sample_consistency_solver, save_coefficients  # noqa: E402
+from consistency_solver.solver import (  # noqa: E402
+    Preset,
+    StepSchedule,
+    TableCoefficients,
+    sample_consistency_solver,
+    save_coefficients,
+)
 
 torch.set_num_threads(1)
 register()
 POSITIVE, NEGATIVE = tiny_models.random_conditioning(1), tiny_models.random_conditioning(2)
 # A distinctive table: if ComfyUI silently ran euler instead, results would differ.
 WEIGHTS = {n: torch.tensor([[1.0, 0.0]] + [[1.7, -0.7]] * (n - 1), dtype=torch.float64) for n in (4, 5, 6, 8)}
+# Learned schedules for the same step counts, unlike any stock scheduler (and different from each other).
+SCHEDULE = StepSchedule({n: torch.linspace(0, 1, n + 1, dtype=torch.float64)[:-1] ** 0.7 for n in WEIGHTS})
+OTHER_SCHEDULE = StepSchedule({n: torch.linspace(0, 0.9, n, dtype=torch.float64) ** 1.5 for n in WEIGHTS})
 
 
 @pytest.fixture
@@ -37,6 +47,28 @@ def bundled(tmp_path, monkeypatch):
     for kind in ("eps", "flow"):
         save_coefficients(tmp_path / f"default-{kind}.safetensors", TableCoefficients(WEIGHTS, 2), model_family="any")
     return tmp_path
+
+
+@pytest.fixture
+def scheduled(tmp_path, monkeypatch):
+    """Default files that carry a learned schedule, as the lead's trainer makes with --schedule learned."""
+    monkeypatch.setattr(coefficients, "BUNDLED_DIR", tmp_path)
+    for kind in ("eps", "flow"):
+        table = TableCoefficients(WEIGHTS, 2, schedule=SCHEDULE)
+        save_coefficients(tmp_path / f"default-{kind}.safetensors", table, model_family="any")
+    return tmp_path
+
+
+@pytest.fixture
+def user_files(tmp_path, monkeypatch):
+    """models/consistency_solver/ with one file that has a schedule of its own and one that has none."""
+    folder = tmp_path / "user"
+    save_coefficients(
+        folder / "own.safetensors", TableCoefficients(WEIGHTS, 2, schedule=OTHER_SCHEDULE), model_family="any"
+    )
+    save_coefficients(folder / "plain.safetensors", TableCoefficients(WEIGHTS, 2), model_family="any")
+    paths = folder_paths.folder_names_and_paths["consistency_solver"]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "consistency_solver", ([str(folder)], paths[1]))
 
 
 def empty_latent(batch=2, size=8):
@@ -192,3 +224,124 @@ def test_a_file_for_eps_models_is_refused_for_a_flow_model(tmp_path, monkeypatch
         preview(tiny_models.gaussian_model("flow"), empty_latent(), choice="sd15.safetensors")
     preview_latent, _ = preview(tiny_models.gaussian_model("eps"), empty_latent(), choice="sd15.safetensors")
     assert torch.isfinite(preview_latent["samples"]).all()
+
+
+def scheduler_node(model, steps=6, denoise=1.0, choice="auto"):
+    return ConsistencySolverScheduler().get_sigmas(model, steps, denoise, choice)[0]
+
+
+def sampler_custom(model, latent, sampler, sigmas, seed=5, cfg=4.0):
+    return nodes_custom_sampler.SamplerCustom().sample(
+        model, True, seed, cfg, POSITIVE, NEGATIVE, sampler, sigmas, latent
+    )[0]["samples"]
+
+
+def test_the_scheduler_is_registered_in_place_and_idempotently():
+    register()
+    assert comfy.samplers.KSampler.SCHEDULERS is comfy.samplers.SCHEDULER_NAMES
+    assert comfy.samplers.SCHEDULER_NAMES.count("consistency_solver") == 1
+    handler = comfy.samplers.SCHEDULER_HANDLERS["consistency_solver"]
+    assert handler.handler is runtime.consistency_solver_scheduler and handler.use_ms
+    assert "consistency_solver" in nodes.KSampler.INPUT_TYPES()["required"]["scheduler"][0]
+    assert "consistency_solver" in nodes.KSamplerAdvanced.INPUT_TYPES()["required"]["scheduler"][0]
+    assert "consistency_solver" in nodes_custom_sampler.BasicScheduler.INPUT_TYPES()["required"]["scheduler"][0]
+    assert "consistency_solver" in DiffusionPreview.INPUT_TYPES()["required"]["scheduler"][0]
+
+
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+def test_the_scheduler_gives_the_learned_schedule_over_the_model_range(kind, scheduled):
+    model = tiny_models.tiny_unet_model(kind)
+    model_sampling = model.get_model_object("model_sampling")
+    sigma_min, sigma_max = float(model_sampling.sigma_min), float(model_sampling.sigma_max)
+    expected = SCHEDULE.sigmas(6, sigma_min, sigma_max).float()
+    sigmas = scheduler_node(model)
+    torch.testing.assert_close(sigmas, expected)
+    assert sigmas[0] == pytest.approx(sigma_max) and sigmas[-1] == 0.0
+    # By name, through ComfyUI's own BasicScheduler and calculate_sigmas: the same.
+    basic = nodes_custom_sampler.BasicScheduler().get_sigmas(model, "consistency_solver", 6, 1.0)[0]
+    assert torch.equal(basic, sigmas)
+
+
+def test_ksampler_with_both_names_equals_sampler_custom_with_the_scheduler_node(scheduled):
+    model = tiny_models.tiny_unet_model("eps")
+    latent = empty_latent()
+    stock = nodes.KSampler().sample(
+        model, 5, 6, 4.0, "consistency_solver", "consistency_solver", POSITIVE, NEGATIVE, latent
+    )[0]["samples"]
+    sampler = SamplerConsistencySolver().get_sampler("auto", "as stored in the file", False)[0]
+    custom = sampler_custom(model, latent, sampler, scheduler_node(model))
+    assert torch.equal(stock, custom)
+    assert not torch.equal(stock, ksampler(model, latent, "consistency_solver", scheduler="karras")["samples"])
+
+
+def test_denoise_below_one_uses_the_longer_trained_schedule(scheduled):
+    model = tiny_models.tiny_unet_model("eps")
+    model_sampling = model.get_model_object("model_sampling")
+    sigmas = scheduler_node(model, steps=4, denoise=0.5)  # 8 steps in all, the last 4 run
+    expected = SCHEDULE.sigmas(8, float(model_sampling.sigma_min), float(model_sampling.sigma_max))[-5:]
+    torch.testing.assert_close(sigmas, expected.float())
+    basic = nodes_custom_sampler.BasicScheduler().get_sigmas(model, "consistency_solver", 4, 0.5)[0]
+    assert torch.equal(basic, sigmas)
+    source = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))}
+    stock = ksampler(model, source, "consistency_solver", steps=4, scheduler="consistency_solver", denoise=0.5)
+    sampler = SamplerConsistencySolver().get_sampler("auto", "as stored in the file", False)[0]
+    assert torch.equal(stock["samples"], sampler_custom(model, source, sampler, sigmas))
+    assert scheduler_node(model, steps=4, denoise=0.0).numel() == 0
+    with pytest.raises(ValueError, match=r"not 12 steps \(6 steps at denoise 0.5\)"):
+        scheduler_node(model, steps=6, denoise=0.5)
+
+
+def test_the_scheduler_without_a_learned_schedule_or_for_an_untrained_count_names_the_fix(bundled, user_files):
+    model = tiny_models.tiny_unet_model("eps")
+    with pytest.raises(
+        ValueError,
+        match=r"none in the pack's default coefficients for eps models.*Consistency Solver Scheduler node with",
+    ):
+        ksampler(model, empty_latent(), "euler", scheduler="consistency_solver")
+    with pytest.raises(ValueError, match=r"none in coefficient file 'plain.safetensors'.*another scheduler"):
+        scheduler_node(model, choice="plain.safetensors")
+    with pytest.raises(ValueError, match=r"none in the preset 'ab2'"):
+        scheduler_node(model, choice="ab2")
+    with pytest.raises(ValueError, match=r"'own.safetensors' covers 4, 5, 6, 8 steps, not 7 steps\. Fix: pick"):
+        scheduler_node(model, steps=7, choice="own.safetensors")
+
+
+def test_ksampler_by_name_names_its_own_step_counting(scheduled):
+    model = tiny_models.tiny_unet_model("eps")
+    # uni_pc makes KSampler ask the scheduler for one step more: 7, which the file has no schedule for.
+    with pytest.raises(
+        ValueError,
+        match=r"not 7 steps; KSampler and BasicScheduler ask for steps / denoise.*one step more with .*uni_pc",
+    ):
+        ksampler(model, empty_latent(), "uni_pc", scheduler="consistency_solver")
+
+
+def test_a_chosen_file_brings_its_own_schedule_to_the_scheduler_node_and_the_preview(scheduled, user_files):
+    model = tiny_models.tiny_unet_model("eps")
+    model_sampling = model.get_model_object("model_sampling")
+    own = OTHER_SCHEDULE.sigmas(6, float(model_sampling.sigma_min), float(model_sampling.sigma_max)).float()
+    torch.testing.assert_close(scheduler_node(model, choice="own.safetensors"), own)
+    loaded = coefficients.CoefficientSelection("own.safetensors")
+    torch.testing.assert_close(ConsistencySolverScheduler().get_sigmas(model, 6, 1.0, "auto", loaded)[0], own)
+    _, state = preview(model, empty_latent(), scheduler="consistency_solver", choice="own.safetensors")
+    torch.testing.assert_close(state.sigmas, own)
+
+
+def test_refine_after_a_preview_on_the_learned_schedule(scheduled, user_files):
+    model = tiny_models.tiny_unet_model("eps")
+    latent = empty_latent()
+    preview_latent, state = preview(model, latent, scheduler="consistency_solver")
+    # Preview == KSampler with both names: same noise, same learned sigmas, same coefficients.
+    both = ksampler(model, latent, "consistency_solver", scheduler="consistency_solver")["samples"]
+    assert torch.equal(preview_latent["samples"], both)
+    # The refine has its own scheduler: 30 steps of karras render exactly what the stock KSampler renders.
+    assert torch.equal(refine(model, state, steps=30)["samples"], ksampler(model, latent, "dpmpp_2m", 30)["samples"])
+    # consistency_solver in the refine: the preview's file's schedule, for a step count it was trained for only.
+    with pytest.raises(ValueError, match=r"covers 4, 5, 6, 8 steps, not 30 steps"):
+        refine(model, state, steps=30, scheduler="consistency_solver")
+    _, own_state = preview(model, latent, scheduler="karras", choice="own.safetensors")
+    euler = nodes_custom_sampler.KSamplerSelect().get_sampler("euler")[0]
+    refined = refine(model, own_state, steps=8, sampler=euler, scheduler="consistency_solver")["samples"]
+    assert torch.equal(
+        refined, sampler_custom(model, latent, euler, scheduler_node(model, 8, choice="own.safetensors"))
+    )

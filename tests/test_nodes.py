@@ -12,8 +12,11 @@ from consistency_solver.nodes.coefficients import (
     AUTO,
     CoefficientSelection,
     coefficient_choices,
+    describe_choice,
     file_fingerprint,
+    learned_sigmas,
     resolve_coefficients,
+    schedule_steps,
 )
 from consistency_solver.nodes.preview_state import (
     PreviewState,
@@ -27,6 +30,7 @@ from consistency_solver.solver import (
     ConsistencyPolicy,
     PolicyCoefficients,
     Preset,
+    StepSchedule,
     TableCoefficients,
     save_coefficients,
 )
@@ -62,7 +66,8 @@ def test_importing_the_nodes_needs_no_comfyui():
 def test_every_node_is_declared_in_the_v1_schema_with_tooltips(live_lists):
     assert set(NODE_DISPLAY_NAME_MAPPINGS) == set(NODE_CLASS_MAPPINGS)
     for name, cls in NODE_CLASS_MAPPINGS.items():
-        assert cls.CATEGORY == "sampling/consistency_solver", name
+        assert cls.CATEGORY == "sampling/consistency_solver" or cls.RETURN_TYPES == ("SIGMAS",), name
+        assert cls.DESCRIPTION, name
         assert callable(getattr(cls, cls.FUNCTION)), name
         inputs = cls.INPUT_TYPES()
         for section in ("required", "optional"):
@@ -228,3 +233,82 @@ def test_a_state_from_another_model_sampling_or_latent_shape_is_refused():
         check_state_fits(state, other, 4)
     with pytest.raises(ValueError, match="4 channels, but the refine model expects 16"):
         check_state_fits(state, state.model_fingerprint, 16)
+
+
+def learned_schedule(counts=(4, 5, 8)):
+    """Distinctive positions (not karras, not log-uniform) for each step count."""
+    return StepSchedule({n: torch.linspace(0, 1, n + 1, dtype=torch.float64)[:-1] ** 0.7 for n in counts})
+
+
+def scheduled_table(schedule=None):
+    tables = {n: torch.tensor([[1.0, 0.0]] + [[1.5, -0.5]] * (n - 1), dtype=torch.float64) for n in (4, 5, 8)}
+    return TableCoefficients(tables=tables, order=2, schedule=schedule or learned_schedule())
+
+
+def test_the_scheduler_node_sits_with_the_stock_schedulers(live_lists):
+    node = definitions.ConsistencySolverScheduler
+    assert node.CATEGORY == "sampling/custom_sampling/schedulers"
+    assert node.RETURN_TYPES == ("SIGMAS",)
+    inputs = node.INPUT_TYPES()
+    assert list(inputs["required"]) == ["model", "steps", "denoise", "coefficients"]
+    assert inputs["required"]["coefficients"][0] == [AUTO, "mine.safetensors", *PRESET_NAMES]
+    assert inputs["required"]["denoise"][1]["min"] == 0.0  # as BasicScheduler: 0 gives no steps
+    assert inputs["optional"]["loaded_coefficients"][0] == "CONSISTENCY_COEFFICIENTS"
+    assert "--schedule learned" in node.DESCRIPTION
+    assert NODE_DISPLAY_NAME_MAPPINGS["ConsistencySolverScheduler"] == "Consistency Solver Scheduler"
+
+
+def test_the_preview_keeps_a_stock_default_scheduler(live_lists):
+    # consistency_solver fails for presets, files without a schedule and untrained step counts: never a default.
+    assert definitions.DEFAULT_SCHEDULER == "simple"
+    assert "consistency_solver" in definitions.DiffusionRefine.INPUT_TYPES()["required"]["scheduler"][1]["tooltip"]
+
+
+def test_learned_sigmas_are_the_schedule_over_the_model_range():
+    source = scheduled_table()
+    sigmas = learned_sigmas(source, 5, 1.0, 0.03, 14.6, "file")
+    assert sigmas.dtype == torch.float32 and sigmas.shape == (6,)
+    torch.testing.assert_close(sigmas, source.schedule.sigmas(5, 0.03, 14.6).float())
+    assert sigmas[0] == pytest.approx(14.6) and sigmas[-1] == 0.0
+
+
+def test_denoise_below_one_keeps_the_tail_of_the_longer_schedule_like_basic_scheduler():
+    source = scheduled_table()
+    assert schedule_steps(4, 0.5) == 8 and schedule_steps(4, 1.0) == 4 and schedule_steps(5, 0.6) == 8
+    tail = learned_sigmas(source, 4, 0.5, 0.03, 14.6, "file")
+    torch.testing.assert_close(tail, source.schedule.sigmas(8, 0.03, 14.6)[-5:].float())
+    assert learned_sigmas(source, 4, 0.0, 0.03, 14.6, "file").numel() == 0
+
+
+def test_a_source_without_a_schedule_names_the_fix():
+    for source, name in ((Preset("euler"), "the preset 'euler'"), (TableCoefficients({4: torch.ones(4, 1)}, 1), "f")):
+        with pytest.raises(ValueError, match="reads the schedule learned with the coefficients") as error:
+            learned_sigmas(source, 4, 1.0, 0.03, 14.6, name)
+        message = str(error.value)
+        assert f"none in {name}. Fix:" in message and "--schedule learned" in message and "another scheduler" in message
+
+
+def test_an_untrained_step_count_names_the_trained_ones_and_the_denoise_total():
+    source = scheduled_table()
+    with pytest.raises(ValueError, match=r"covers 4, 5, 8 steps, not 6 steps\. Fix: pick a trained step count"):
+        learned_sigmas(source, 6, 1.0, 0.03, 14.6, "file 'x'")
+    with pytest.raises(ValueError, match=r"not 10 steps \(5 steps at denoise 0.5\).*--schedule learned"):
+        learned_sigmas(source, 5, 0.5, 0.03, 14.6, "file 'x'")
+    full = StepSchedule({n: torch.linspace(0, 0.9, n, dtype=torch.float64) for n in range(4, 13)})
+    with pytest.raises(ValueError, match=r"covers 4-12 steps, not 30 steps; KSampler"):
+        learned_sigmas(scheduled_table(full), 30, 1.0, 0.03, 14.6, "file", steps_note="; KSampler ...")
+
+
+def test_choices_are_named_in_errors():
+    assert describe_choice(AUTO, "flow") == "the pack's default coefficients for flow models (default-flow.safetensors)"
+    assert describe_choice("ab2", "eps") == "the preset 'ab2'"
+    assert describe_choice("mine.safetensors", "eps") == "coefficient file 'mine.safetensors'"
+
+
+def test_a_saved_schedule_resolves_through_the_node_resolver(tmp_path):
+    path = tmp_path / "s.safetensors"
+    save_coefficients(path, scheduled_table(), model_family="test-flow")
+    source = resolve_coefficients(CoefficientSelection("s"), "flow", {"s": str(path)}.__getitem__)
+    torch.testing.assert_close(
+        learned_sigmas(source, 8, 1.0, 0.003, 1.0, "s"), learned_schedule().sigmas(8, 0.003, 1.0).float()
+    )
