@@ -9,7 +9,7 @@ from fixtures.comfyui import require_comfyui
 from fixtures.example_workflows import EXAMPLES, EXAMPLES_DIR, stand_in_models
 from safetensors.torch import load_file
 
-from consistency_solver.solver import TableCoefficients, save_coefficients
+from consistency_solver.solver import StepSchedule, TableCoefficients, save_coefficients
 
 require_comfyui()
 
@@ -19,6 +19,7 @@ from fixtures.workflows import check_workflow  # noqa: E402
 REPOSITORY = Path(__file__).resolve().parents[1]
 COEFFICIENT_FILE = "test-table.safetensors"
 OUR_NODES = ("ConsistencySolverCoefficients", "SamplerConsistencySolver", "DiffusionPreview", "DiffusionRefine")
+SCHEDULE = StepSchedule({4: torch.tensor([0.0, 0.3, 0.55, 0.8], dtype=torch.float64)})
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfyui")
     stand_in_models(base)
     table = torch.tensor([[1.0, 0.0]] + [[1.5, -0.5]] * 3, dtype=torch.float64)
-    coefficients = TableCoefficients(tables={4: table}, order=2)
+    coefficients = TableCoefficients(tables={4: table}, order=2, schedule=SCHEDULE)
     save_coefficients(base / "models" / "consistency_solver" / COEFFICIENT_FILE, coefficients, model_family="any")
     running = ComfyServer(base, {"consistency_solver": REPOSITORY, "test_pack": Path(__file__).parent / "fixtures"
                                  / "comfy_test_pack"})  # fmt: skip
@@ -46,6 +47,11 @@ def test_the_pack_loads_and_registers_its_sampler_and_nodes(server):
     assert "consistency_solver" in info["KSamplerSelect"]["input"]["required"]["sampler_name"][0]
     for name in OUR_NODES:
         assert info[name]["category"] == "sampling/consistency_solver"
+    assert info["ConsistencySolverScheduler"]["category"] == "sampling/custom_sampling/schedulers"
+    assert info["ConsistencySolverScheduler"]["output"] == ["SIGMAS"]
+    assert info["ConsistencySolverScheduler"]["display_name"] == "Consistency Solver Scheduler"
+    for node in ("KSampler", "KSamplerAdvanced", "BasicScheduler", "DiffusionPreview", "DiffusionRefine"):
+        assert "consistency_solver" in info[node]["input"]["required"]["scheduler"][0], node
     assert COEFFICIENT_FILE in info["DiffusionPreview"]["input"]["required"]["coefficients"][0]
     assert info["DiffusionPreview"]["output"] == ["LATENT", "PREVIEW_STATE"]
 
@@ -76,6 +82,49 @@ def test_preview_then_refine_then_save_latent_over_http(server):
     saved = history["outputs"]["7"]["latents"][0]
     latent = load_file(server.base / "output" / saved["subfolder"] / saved["filename"])["latent_tensor"]
     assert latent.shape == (2, 4, 8, 8) and torch.isfinite(latent).all()
+
+
+def learned_schedule_prompt(steps):
+    """SamplerCustom with the SAMPLER and scheduler nodes reading the test file, then SaveLatent."""
+    return {
+        "1": {"class_type": "TinyTestModel", "inputs": {"kind": "flow", "seed": 0}},
+        "2": {"class_type": "TinyTestConditioning", "inputs": {"seed": 1}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "ConsistencySolverCoefficients",
+              "inputs": {"coefficients": COEFFICIENT_FILE, "inference_mode": "as stored in the file",
+                         "allow_untrained_steps": False}},
+        "6": {"class_type": "SamplerConsistencySolver",
+              "inputs": {"coefficients": "auto", "inference_mode": "as stored in the file",
+                         "allow_untrained_steps": False, "loaded_coefficients": ["5", 0]}},
+        "7": {"class_type": "ConsistencySolverScheduler",
+              "inputs": {"model": ["1", 0], "steps": steps, "denoise": 1.0, "coefficients": "auto",
+                         "loaded_coefficients": ["5", 0]}},
+        "8": {"class_type": "SamplerCustom",
+              "inputs": {"model": ["1", 0], "add_noise": True, "noise_seed": 3, "cfg": 3.0, "positive": ["2", 0],
+                         "negative": ["2", 0], "sampler": ["6", 0], "sigmas": ["7", 0], "latent_image": ["4", 0]}},
+        "9": {"class_type": "SaveLatent",
+              "inputs": {"samples": ["8", 0], "filename_prefix": f"latents/learned{steps}"}},
+    }  # fmt: skip
+
+
+def test_sampler_custom_on_the_learned_schedule_over_http(server):
+    reply = server.post_prompt(learned_schedule_prompt(4))
+    assert reply.get("node_errors") == {}, reply
+    history = server.wait_for_history(reply["prompt_id"])
+    assert history["status"]["status_str"] == "success", history["status"]
+    saved = history["outputs"]["9"]["latents"][0]
+    latent = load_file(server.base / "output" / saved["subfolder"] / saved["filename"])["latent_tensor"]
+    assert latent.shape == (1, 4, 8, 8) and torch.isfinite(latent).all()
+
+
+def test_an_untrained_step_count_fails_with_the_fix_in_the_ui_message(server):
+    reply = server.post_prompt(learned_schedule_prompt(5))
+    assert reply.get("node_errors") == {}, reply
+    history = server.wait_for_history(reply["prompt_id"])
+    assert history["status"]["status_str"] == "error"
+    errors = [data for event, data in history["status"]["messages"] if event == "execution_error"]
+    assert errors[0]["node_type"] == "ConsistencySolverScheduler"
+    assert "covers 4 steps, not 5 steps. Fix: pick a trained step count" in errors[0]["exception_message"]
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
