@@ -11,13 +11,16 @@ import torch
 from consistency_solver.solver import (
     ConsistencyPolicy,
     Preset,
+    TableCoefficients,
     actions_to_weights,
     active_action_mask,
     load_coefficients,
     sample_consistency_solver,
+    save_coefficients,
 )
 from consistency_solver.solver.coefficients import history_lengths
 from consistency_solver.training.__main__ import main
+from consistency_solver.training.testbeds import get_testbed
 from consistency_solver.training.train.data import ReferenceSettings, bed_problem
 from consistency_solver.training.train.loop import TrainConfig, coefficients, held_out_rmse, train
 from consistency_solver.training.train.ppo import (
@@ -28,6 +31,7 @@ from consistency_solver.training.train.ppo import (
 )
 from consistency_solver.training.train.rewards import make_reward
 from consistency_solver.training.train.rollout import indices_to_weights, sample_action_indices, unroll
+from consistency_solver.training.train.schedule import LearnedSchedule
 
 BED = "gmm-vector-eps"
 
@@ -122,10 +126,20 @@ def test_indices_to_weights_apply_the_paper_rule():
     assert torch.allclose(indices_to_weights(policy, indices), expected)
 
 
-@pytest.mark.parametrize("mode", ["ppo", "direct"])
-def test_resume_gives_the_same_result_as_an_uninterrupted_run(problem, tmp_path, mode):
+@pytest.mark.parametrize(
+    ("mode", "form", "schedule"),
+    [("ppo", "policy", "given"), ("direct", "policy", "given"), ("direct", "table", "learned")],
+)
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(problem, tmp_path, mode, form, schedule):
     config = TrainConfig(
-        mode=mode, steps=(4, 5, 6), updates=4, groups=2, batch=4, ppo=PPOSettings(rollouts=4, epochs=2)
+        mode=mode,
+        steps=(4, 5, 6),
+        updates=4,
+        groups=2,
+        batch=4,
+        ppo=PPOSettings(rollouts=4, epochs=2),
+        form=form,
+        schedule=schedule,
     )
     uninterrupted = train(config, [problem], progress=False)
     checkpoint = tmp_path / "run.ckpt"
@@ -135,6 +149,9 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(problem, tmp_path,
     assert resumed.evaluations == uninterrupted.evaluations
     for name, tensor in uninterrupted.policy.state_dict().items():
         assert torch.equal(tensor, resumed.policy.state_dict()[name]), name
+    if schedule == "learned":
+        for name, tensor in uninterrupted.schedule.state_dict().items():
+            assert torch.equal(tensor, resumed.schedule.state_dict()[name]), name
     assert [h["reward"] for h in resumed.history] == [h["reward"] for h in uninterrupted.history]
 
 
@@ -186,3 +203,53 @@ def test_cli_writes_a_coefficient_file_with_full_metadata_and_a_report(tmp_path)
         sample_consistency_solver(
             lambda x, s: x * 0, torch.ones(1, 2), torch.linspace(1, 0, 7), disable=True, coefficients=loaded
         )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"mode": "ppo", "schedule": "learned"}, "use --mode direct with --schedule learned"),
+        ({"mode": "ppo", "form": "table"}, "use --mode direct with --form table"),
+        ({"schedule": "karras"}, "unknown schedule"),
+        ({"form": "mlp"}, "unknown form"),
+    ],
+)
+def test_config_refuses_combinations_that_cannot_train(options, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**options)
+
+
+def test_cli_names_the_fix_for_ppo_with_a_learned_schedule(tmp_path):
+    argv = ["--bed", BED, "--mode", "ppo", "--schedule", "learned", "--output", str(tmp_path / "x.safetensors")]
+    with pytest.raises(SystemExit, match="--mode direct with --schedule learned"):
+        main(argv)
+
+
+@pytest.mark.parametrize("bed", ["gmm-vector-eps", "gmm-vector-flow"])
+def test_learned_schedule_starts_at_the_beds_default(bed):
+    testbed = get_testbed(bed)
+    schedule = LearnedSchedule.from_default(testbed, (4, 7))
+    for steps in (4, 7):
+        expected = testbed.sigmas(steps)
+        learned = schedule.sigmas(steps, testbed).detach()
+        assert learned[0] == pytest.approx(float(expected[0]), rel=1e-6) and learned[-1] == 0
+        # karras ends at sigma_min, where the slack share starts at 1e-3 of the log range: a tiny offset.
+        assert torch.allclose(learned, expected, rtol=1e-2, atol=0)
+
+
+def test_table_and_learned_schedule_improve_held_out_consistency_and_export_both(tmp_path):
+    settings = ReferenceSettings(train_count=64, held_out_count=64, cache_dir=str(tmp_path / "refs"))
+    problem = bed_problem("gmm-image-eps", make_reward("rmse"), settings)
+    config = TrainConfig(mode="direct", form="table", schedule="learned", steps=(4,), updates=30, lr=1e-2, batch=16)
+    state = train(config, [problem], progress=False)
+    trained = coefficients(state.policy, config, state.schedule)
+    initial = held_out_rmse(Preset("euler"), problem, 4)  # a zero table on the default schedule is Euler
+    assert held_out_rmse(trained, problem, 4) < 0.9 * initial
+    learned = trained.schedule.sigmas(4, problem.bed.sigma_min, problem.bed.sigma_max)
+    assert not torch.allclose(learned, problem.bed.sigmas(4), rtol=1e-2)  # the schedule moved
+    path = tmp_path / "table.safetensors"
+    save_coefficients(path, trained, model_family="gmm-eps")
+    loaded = load_coefficients(path)
+    assert isinstance(loaded, TableCoefficients) and torch.equal(loaded.tables[4], trained.tables[4])
+    assert torch.equal(loaded.schedule.sigmas(4, 0.03, 14.6), trained.schedule.sigmas(4, 0.03, 14.6))
+    assert held_out_rmse(loaded, problem, 4) == pytest.approx(held_out_rmse(trained, problem, 4), rel=1e-6)

@@ -27,7 +27,7 @@ from .references import REFERENCE_METHODS
 from .testbeds import TESTBED_NAMES
 from .train import distributed
 from .train.data import ReferenceSettings, bed_problem
-from .train.loop import MODES, Problem, TrainConfig, coefficients, evaluate_policy, train
+from .train.loop import FORMS, MODES, SCHEDULES, Problem, TrainConfig, coefficients, evaluate_policy, train
 from .train.ppo import PPOSettings
 from .train.report import write_report
 from .train.rewards import REWARD_NAMES, load_feature_encoder, make_reward
@@ -78,6 +78,19 @@ def parser() -> argparse.ArgumentParser:
     method.add_argument("--order", type=int, default=4)
     method.add_argument("--hidden", type=int, default=256)
     method.add_argument("--gradient-checkpointing", action="store_true", help="direct: recompute model calls")
+    method.add_argument(
+        "--form",
+        choices=FORMS,
+        default="policy",
+        help="policy: the paper's network of the step times; table (direct mode): free weights per step count",
+    )
+    method.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="given",
+        help="given: train on the bed's (or --scheduler's) sigmas; learned (direct mode): learn the sigmas of each "
+        "step count too and store them in the file, for the consistency_solver scheduler",
+    )
 
     data = p.add_argument_group("references and reward")
     data.add_argument("--reward", choices=REWARD_NAMES, default="rmse")
@@ -122,6 +135,8 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
         eval_steps=tuple(args.report_steps or (5, 8)),
         eval_every=args.eval_every,
         gradient_checkpointing=args.gradient_checkpointing,
+        schedule=args.schedule,
+        form=args.form,
     )
 
 
@@ -163,7 +178,10 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     distributed.initialise()
     leader = distributed.rank() == 0
-    config = config_from(args)
+    try:
+        config = config_from(args)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from error
     command = shlex.join(["python", "-m", "consistency_solver.training", *argv])
     if leader:
         print(json.dumps({"command": command, "config": config.as_dict()}, indent=2), flush=True)
@@ -176,12 +194,15 @@ def main(argv: list[str] | None = None) -> None:
     distributed.barrier()
     if leader:
         family = args.model_family or model_family(problems)
-        held_out = evaluate_policy(state.policy, problems, config)
+        held_out = evaluate_policy(state, problems, config)
+        trained = coefficients(state.policy, config, state.schedule)
         training = {
             "command": command,
             "seed": config.seed,
             "mode": config.mode,
-            "inference_mode": coefficients(state.policy, config).mode,
+            "inference_mode": getattr(trained, "mode", None),  # a table has no read-out
+            "schedule": config.schedule,
+            "form": config.form,
             "trained_on": names,
             "updates": state.update,
             "model_evaluations": state.evaluations,
@@ -194,10 +215,10 @@ def main(argv: list[str] | None = None) -> None:
             "seconds": round(seconds, 1),
         }
         description = args.description or (
-            f"ConsistencySolver policy trained by {config.mode} on {', '.join(names)} "
+            f"ConsistencySolver {config.form} trained by {config.mode} on {', '.join(names)} "
             f"for {min(config.steps)}-{max(config.steps)} steps"
+            + (", with a learned schedule" if config.schedule == "learned" else "")
         )
-        trained = coefficients(state.policy, config)
         save_coefficients(args.output, trained, model_family=family, description=description, training=training)
         report_dir = Path(args.report_dir) if args.report_dir else Path(args.output).with_suffix("")
         report = write_report(

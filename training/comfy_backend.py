@@ -199,6 +199,14 @@ class ComfyModel:
 
         return comfy.samplers.calculate_sigmas(self.model_sampling, self.scheduler, steps).cpu().double()
 
+    @property
+    def sigma_min(self) -> float:
+        return float(self.model_sampling.sigma_min)
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.model_sampling.sigma_max)
+
     def initial_state(self, noise: Tensor, sigmas: Tensor) -> Tensor:
         """x at sigmas[0] from an empty latent, as ComfyUI's KSAMPLER scales the noise (incl. its max-denoise rule)."""
         sigma_max = float(self.model_sampling.sigma_max)

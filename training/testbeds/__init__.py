@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import TestBed
+from .base import TestBed, run_sigmas
 from .gmm import GMM_BEDS, GMMTestBed, gmm_testbed
 
 FASHION_BED = "fashion-eps-cfg"
@@ -21,4 +21,4 @@ def get_testbed(name: str) -> TestBed:
     raise ValueError(f"unknown test bed {name!r}; known: {', '.join(TESTBED_NAMES)}")
 
 
-__all__ = ["FASHION_BED", "TESTBED_NAMES", "GMMTestBed", "TestBed", "get_testbed", "gmm_testbed"]
+__all__ = ["FASHION_BED", "TESTBED_NAMES", "GMMTestBed", "TestBed", "get_testbed", "gmm_testbed", "run_sigmas"]

@@ -20,12 +20,14 @@ import torch
 from torch import Tensor
 
 from ...solver import model_kind
-from ...solver.schedules import DiscreteSchedule, flow_sigmas, karras_sigmas
+from ...solver.schedules import DiscreteSchedule, StepSchedule, flow_sigmas, karras_sigmas
 
 _SD15 = DiscreteSchedule()
 # SD1.5's sigma range (0.0292 .. 14.6146): the eps beds use the schedule real SD1.x runs use.
 EPS_SIGMA_MIN, EPS_SIGMA_MAX = _SD15.sigma_min, _SD15.sigma_max
 FLOW_SHIFT = 3.0
+# ComfyUI's ModelSamplingDiscreteFlow range at shift 3: sigma(t) for t = 1/1000 .. 1.
+FLOW_SIGMA_MIN, FLOW_SIGMA_MAX = FLOW_SHIFT * 1e-3 / (1 + (FLOW_SHIFT - 1) * 1e-3), 1.0
 
 Model = Callable[..., Tensor]
 
@@ -75,6 +77,14 @@ class TestBed(abc.ABC):
             return flow_sigmas(steps, shift=FLOW_SHIFT)
         return karras_sigmas(steps, EPS_SIGMA_MIN, EPS_SIGMA_MAX)
 
+    @property
+    def sigma_min(self) -> float:
+        return FLOW_SIGMA_MIN if self.kind == "flow" else EPS_SIGMA_MIN
+
+    @property
+    def sigma_max(self) -> float:
+        return FLOW_SIGMA_MAX if self.kind == "flow" else EPS_SIGMA_MAX
+
     def initial_state(self, noise: Tensor, sigmas: Tensor) -> Tensor:
         """x at sigmas[0] from standard-normal ``noise`` (empty latent): sigma0 * noise in both model spaces."""
         return noise * sigmas[0].to(noise.dtype)
@@ -88,3 +98,11 @@ class TestBed(abc.ABC):
     def noise(self, count: int, generator: torch.Generator) -> Tensor:
         """Standard-normal starting noise of shape [count, *shape], float32."""
         return torch.randn(count, *self.shape, generator=generator, dtype=torch.float32)
+
+
+def run_sigmas(bed, steps: int, schedule: StepSchedule | None) -> Tensor:
+    """The sigmas of an N-step run on ``bed`` (a test bed or the ComfyUI backend's model): the learned
+    schedule of a coefficient source when it has one, else the bed's default schedule."""
+    if schedule is None:
+        return bed.sigmas(steps)
+    return schedule.sigmas(steps, bed.sigma_min, bed.sigma_max)

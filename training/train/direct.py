@@ -3,7 +3,8 @@
 The policy's *expected* action under its softmax is a smooth function of its parameters, so the
 weights, the unrolled solve and a differentiable reward form one graph: one backward pass gives the
 exact gradient that PPO estimates from many sampled rollouts. A policy trained this way is read out
-with ``inference_mode = "expectation"``, which the file stores.
+with ``inference_mode = "expectation"``, which the file stores. The same gradient trains a free
+weight table (``--form table``) and a learned schedule (``--schedule learned``).
 
 The objective per step count is scale-free, so that few-step runs (large errors) and mixed beds of
 different scales weigh alike: log of the batch's mean squared error for the ``rmse`` reward (the
@@ -18,18 +19,16 @@ from typing import Any
 
 import torch
 
-from ...solver import ConsistencyPolicy
 from . import distributed
 from .rewards import Reward, rmse_reward
-from .rollout import expected_weights, unroll
+from .rollout import unroll
 
 
 def direct_loss(
-    policy: ConsistencyPolicy,
+    weights: torch.Tensor,
     model: Callable[..., torch.Tensor],
     x: torch.Tensor,
     sigmas: torch.Tensor,
-    features: torch.Tensor,
     references: torch.Tensor,
     reward: Reward,
     extra_args: dict[str, Any] | None = None,
@@ -37,10 +36,12 @@ def direct_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's share of the scale-free objective (see the module docstring) and its detached rewards.
 
+    ``weights`` is the [steps, order] table of the run, differentiable in what is trained (the policy's
+    expectation, a free table) and ``sigmas`` may be too (a learned schedule).
+
     The normaliser is summed over all ranks, so the ranks' gradients add up to the gradient of the
     global objective.
     """
-    weights = expected_weights(policy, features)
     previews = unroll(model, x, sigmas, weights, extra_args, gradient_checkpointing)
     if not previews.requires_grad:
         raise ValueError(

@@ -23,13 +23,20 @@ from tqdm.auto import tqdm
 from ...solver import ConsistencyPolicy, PolicyCoefficients, active_action_mask, sample_consistency_solver
 from ...solver.coefficients import CoefficientSource, history_lengths
 from ..metrics import consistency_rmse
+from ..testbeds import run_sigmas
 from . import distributed
 from .direct import direct_loss
 from .ppo import Group, PPOSettings, group_advantages, group_loss, log_probs_and_entropy
 from .rewards import Reward
-from .rollout import indices_to_weights, sample_action_indices, step_features, unroll
+from .rollout import expected_weights, indices_to_weights, sample_action_indices, step_features, unroll
+from .schedule import LearnedSchedule
+from .table import WeightTable
 
 MODES = ("ppo", "direct")
+# "given": the bed's (or the ComfyUI scheduler's) sigmas; "learned": a schedule trained with the weights.
+SCHEDULES = ("given", "learned")
+# "policy": the paper's network of the step times; "table": free weights per step count (direct mode).
+FORMS = ("policy", "table")
 # The released code's inference read-out differs per mode: PPO learns a sharp categorical (argmax),
 # the direct mode optimises the expectation itself.
 INFERENCE_MODE = {"ppo": "mode", "direct": "expectation"}
@@ -57,10 +64,26 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate held-out only before and after training
     checkpoint_every: int = 50
     gradient_checkpointing: bool = False
+    schedule: str = "given"
+    form: str = "policy"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; modes: {', '.join(MODES)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; schedules: {', '.join(SCHEDULES)}")
+        if self.form not in FORMS:
+            raise ValueError(f"unknown form {self.form!r}; forms: {', '.join(FORMS)}")
+        if self.form == "table" and self.mode != "direct":
+            raise ValueError(
+                "a free weight table is trained by the direct mode's gradient (PPO samples the policy's actions); "
+                "use --mode direct with --form table"
+            )
+        if self.schedule == "learned" and self.mode != "direct":
+            raise ValueError(
+                "a learned schedule needs the gradient of the direct mode (PPO samples the weights only); "
+                "use --mode direct with --schedule learned"
+            )
         if not self.steps or min(self.steps) < 1:
             raise ValueError(f"steps must be positive step counts, got {self.steps}")
 
@@ -96,7 +119,7 @@ class ReferenceSet:
 class Problem:
     """One model to train for: a test bed (or anything with its interface) and its reference sets."""
 
-    bed: Any  # .model(labels), .sigmas(steps), .initial_state(noise, sigmas), .model_family
+    bed: Any  # .model(labels), .sigmas(steps), .sigma_min/.sigma_max, .initial_state(noise, sigmas), .model_family
     train: ReferenceSet
     held_out: ReferenceSet
     reward: Reward
@@ -105,24 +128,40 @@ class Problem:
 
 @dataclass
 class TrainState:
-    policy: ConsistencyPolicy
+    policy: ConsistencyPolicy | WeightTable
     optimizer: torch.optim.Optimizer
+    schedule: LearnedSchedule | None = None
     update: int = 0
     evaluations: int = 0  # model evaluations per sample (a CFG'd call counts once), backward included
     forward_evaluations: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def build_policy(config: TrainConfig) -> ConsistencyPolicy:
+def build_policy(config: TrainConfig) -> ConsistencyPolicy | WeightTable:
+    """What is trained: the paper's policy network, or free weight tables (``form``)."""
+    if config.form == "table":
+        return WeightTable(config.steps, config.order)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         return ConsistencyPolicy(order=config.order, bins=config.bins, hidden=config.hidden)
 
 
-def new_state(config: TrainConfig) -> TrainState:
+def new_state(config: TrainConfig, problems: list[Problem]) -> TrainState:
+    """A fresh policy (and schedule, started from the first problem's default schedule) and their optimizer."""
     policy = build_policy(config)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    return TrainState(policy=policy, optimizer=optimizer)
+    groups = [{"params": list(policy.parameters())}]
+    schedule = None
+    if config.schedule == "learned":
+        schedule = LearnedSchedule.from_default(problems[0].bed, config.steps)
+        # No weight decay on the schedule: it would pull every schedule towards log-uniform spacing.
+        groups.append({"params": list(schedule.parameters()), "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return TrainState(policy=policy, optimizer=optimizer, schedule=schedule)
+
+
+def trainable_parameters(state: TrainState) -> list[torch.nn.Parameter]:
+    schedule = [] if state.schedule is None else list(state.schedule.parameters())
+    return [*state.policy.parameters(), *schedule]
 
 
 def generator(seed: int, *keys: int) -> torch.Generator:
@@ -133,13 +172,19 @@ def generator(seed: int, *keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(mixed)
 
 
-def coefficients(policy: ConsistencyPolicy, config: TrainConfig) -> PolicyCoefficients:
-    """The policy as the sampler and the coefficient file see it."""
+def coefficients(
+    policy: ConsistencyPolicy | WeightTable, config: TrainConfig, schedule: LearnedSchedule | None = None
+) -> CoefficientSource:
+    """The policy or table (and its learned schedule, if any) as the sampler and the coefficient file see it."""
+    exported = None if schedule is None else schedule.export()
+    if isinstance(policy, WeightTable):
+        return policy.export(exported)
     return PolicyCoefficients(
         policy=policy,
         time_features=config.time_features,
         trained_steps=tuple(sorted(config.steps)),
         mode=INFERENCE_MODE[config.mode],
+        schedule=exported,
     )
 
 
@@ -202,7 +247,7 @@ def reduced_step(state: TrainState, loss: torch.Tensor, config: TrainConfig) -> 
     state.optimizer.zero_grad(set_to_none=False)
     loss.backward()
     distributed.all_reduce_gradients(state.policy)
-    torch.nn.utils.clip_grad_norm_(state.policy.parameters(), config.grad_clip)
+    torch.nn.utils.clip_grad_norm_(trainable_parameters(state), config.grad_clip)
     state.optimizer.step()
 
 
@@ -223,15 +268,22 @@ def direct_update(state: TrainState, problems: list[Problem], plans: list[GroupP
     reward_sum = 0.0
     for plan in plans:
         problem = problems[plan.problem]
-        sigmas = problem.bed.sigmas(plan.steps)
-        features = step_features(sigmas, config.time_features, problem.sigma_to_timestep)
+        if state.schedule is None:
+            sigmas = problem.bed.sigmas(plan.steps)
+        else:
+            sigmas = state.schedule.sigmas(plan.steps, problem.bed)
+        if isinstance(state.policy, WeightTable):
+            weights = state.policy.weights(plan.steps)
+        else:
+            weights = expected_weights(
+                state.policy, step_features(sigmas, config.time_features, problem.sigma_to_timestep)
+            )
         noise, labels, finals = problem.train.take(torch.tensor(distributed.shard(list(plan.samples))))
         loss, rewards = direct_loss(
-            state.policy,
+            weights,
             problem.bed.model(labels),
             problem.bed.initial_state(noise, sigmas),
             sigmas,
-            features,
             finals,
             problem.reward,
             gradient_checkpointing=config.gradient_checkpointing,
@@ -239,7 +291,9 @@ def direct_update(state: TrainState, problems: list[Problem], plans: list[GroupP
         (loss / len(plans)).backward()
         reward_sum += distributed.all_reduce_sum(float(rewards.sum())) / len(plan.samples)
     distributed.all_reduce_gradients(state.policy)
-    torch.nn.utils.clip_grad_norm_(state.policy.parameters(), config.grad_clip)
+    if state.schedule is not None:
+        distributed.all_reduce_gradients(state.schedule)
+    torch.nn.utils.clip_grad_norm_(trainable_parameters(state), config.grad_clip)
     state.optimizer.step()
     return reward_sum / len(plans)
 
@@ -258,8 +312,9 @@ def evaluation_cost(plans: list[GroupPlan], config: TrainConfig) -> tuple[int, i
 
 @torch.no_grad()
 def held_out_rmse(source: CoefficientSource, problem: Problem, steps: int) -> float:
-    """Consistency RMSE of the inference sampler with ``source`` on the problem's held-out noises."""
-    sigmas = problem.bed.sigmas(steps)
+    """Consistency RMSE of the inference sampler with ``source`` (on its learned schedule, if it has one) on the
+    problem's held-out noises."""
+    sigmas = run_sigmas(problem.bed, steps, source.schedule)
     noises, labels, finals = problem.held_out.noises, problem.held_out.labels, problem.held_out.finals
     x = problem.bed.initial_state(noises, sigmas)
     sampler_schedule = None if problem.sigma_to_timestep is None else _Timesteps(problem.sigma_to_timestep)
@@ -274,9 +329,9 @@ class _Timesteps:
     timestep: Callable[[torch.Tensor], torch.Tensor]
 
 
-def evaluate_policy(policy: ConsistencyPolicy, problems: list[Problem], config: TrainConfig) -> dict[int, float]:
+def evaluate_policy(state: TrainState, problems: list[Problem], config: TrainConfig) -> dict[int, float]:
     """Held-out RMSE per evaluation step count, averaged over the problems."""
-    source = coefficients(policy, config)
+    source = coefficients(state.policy, config, state.schedule)
     steps = [n for n in config.eval_steps if n in config.steps] or list(config.steps)
     return {n: sum(held_out_rmse(source, p, n) for p in problems) / len(problems) for n in steps}
 
@@ -291,6 +346,7 @@ def save_checkpoint(path: str | os.PathLike, state: TrainState, config: TrainCon
         {
             "config": config.as_dict(),
             "policy": state.policy.state_dict(),
+            "schedule": None if state.schedule is None else state.schedule.state_dict(),
             "optimizer": state.optimizer.state_dict(),
             "update": state.update,
             "evaluations": state.evaluations,
@@ -302,7 +358,7 @@ def save_checkpoint(path: str | os.PathLike, state: TrainState, config: TrainCon
     temporary.replace(path)  # never leave a half-written checkpoint behind
 
 
-def load_checkpoint(path: str | os.PathLike, config: TrainConfig) -> TrainState:
+def load_checkpoint(path: str | os.PathLike, config: TrainConfig, problems: list[Problem]) -> TrainState:
     """Restore a run; the config must match except for the number of updates (a run may be extended)."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
     stored = TrainConfig.from_dict(saved["config"])
@@ -314,8 +370,10 @@ def load_checkpoint(path: str | os.PathLike, config: TrainConfig) -> TrainState:
             f"checkpoint {os.fspath(path)!r} was written with a different configuration {differences} "
             "(stored, requested); resume with the same options or start a new run without --resume"
         )
-    state = new_state(config)
+    state = new_state(config, problems)
     state.policy.load_state_dict(saved["policy"])
+    if state.schedule is not None:
+        state.schedule.load_state_dict(saved["schedule"])
     state.optimizer.load_state_dict(saved["optimizer"])
     state.update = saved["update"]
     state.evaluations = saved["evaluations"]
@@ -338,13 +396,13 @@ def train(
     many updates (as an interruption would), leaving a checkpoint to resume from.
     """
     if resume and checkpoint is not None and Path(checkpoint).exists():
-        state = load_checkpoint(checkpoint, config)
+        state = load_checkpoint(checkpoint, config, problems)
     else:
-        state = new_state(config)
+        state = new_state(config, problems)
     leader = distributed.rank() == 0
     if leader and config.eval_every and not state.history:
         state.history.append(
-            {"update": 0, "evaluations": 0, "held_out": _mean(evaluate_policy(state.policy, problems, config))}
+            {"update": 0, "evaluations": 0, "held_out": _mean(evaluate_policy(state, problems, config))}
         )
     last = config.updates if stop_after is None else min(config.updates, stop_after)
     bar = tqdm(range(state.update, last), disable=not (progress and leader), desc=f"training ({config.mode})")
@@ -358,7 +416,7 @@ def train(
         state.evaluations += equivalents
         record = {"update": state.update, "reward": reward, "evaluations": state.evaluations}
         if config.eval_every and (state.update % config.eval_every == 0 or state.update == config.updates) and leader:
-            record["held_out"] = _mean(evaluate_policy(state.policy, problems, config))
+            record["held_out"] = _mean(evaluate_policy(state, problems, config))
         state.history.append(record)
         bar.set_postfix(reward=f"{reward:.4f}", evals=state.evaluations)
         if checkpoint is not None and leader and (state.update % config.checkpoint_every == 0 or state.update == last):

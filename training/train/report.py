@@ -41,7 +41,7 @@ def held_out_table(
     """{problem name: {solver: {steps: held-out RMSE}}} for the trained and initial policy, presets and dpmpp_2m."""
     stock, _ = dpmpp_2m()
     sources = {
-        "trained": coefficients(state.policy, config),
+        "trained": coefficients(state.policy, config, state.schedule),
         "initial policy": coefficients(build_policy(config), config),
         **{name: Preset(name) for name in PRESET_NAMES},
     }
