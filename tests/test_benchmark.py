@@ -9,7 +9,9 @@ from consistency_solver.solver import (
     ConsistencyPolicy,
     PolicyCoefficients,
     Preset,
+    StepSchedule,
     TableCoefficients,
+    sample_consistency_solver,
     save_coefficients,
 )
 from consistency_solver.training import benchmark, comfy_backend
@@ -70,3 +72,22 @@ def test_matched_real_images_follow_the_label_mix_and_stay_disjoint():
     reference, held_back = benchmark.matched_real_images(images, image_labels, labels, per_sample=2)
     assert sorted(reference.flatten().tolist()) == [0, 3, 4, 7, 8, 12]
     assert held_back.flatten().tolist() == [16, 11, 20]  # class 0, 3, 0: aligned with the labels
+
+
+def test_a_file_with_a_learned_schedule_runs_on_it(tmp_path):
+    bed = get_testbed("gmm-vector-eps-cfg")
+    schedule = StepSchedule({4: torch.tensor([0.0, 0.2, 0.5, 0.8], dtype=torch.float64)})
+    table = TableCoefficients(tables={4: Preset("ab2").weights(bed.sigmas(4))}, order=2, schedule=schedule)
+    path = tmp_path / "scheduled.safetensors"
+    save_coefficients(path, table, model_family="gmm-eps")
+    noise = torch.randn(8, *bed.shape, generator=torch.Generator().manual_seed(0))
+    model = bed.model(bed.sample_labels(8, torch.Generator().manual_seed(1)))
+    (row,) = benchmark.consistency_rows(bed, model, noise, [path])
+    assert row.label == "ConsistencySolver (scheduled, learned schedule)"
+    sigmas = schedule.sigmas(4, bed.sigma_min, bed.sigma_max).float()
+    assert float(sigmas[-2]) > 2 * bed.sigma_min  # position 0.8 stops short of sigma_min
+    expected = sample_consistency_solver(
+        model, bed.initial_state(noise, sigmas), sigmas, disable=True, coefficients=table
+    )
+    assert torch.equal(row.run(4), expected)
+    assert row.run(6) is None  # no schedule for 6 steps: no cell, as for a table without that step count

@@ -22,7 +22,7 @@ from consistency_solver.solver.coefficients import history_lengths
 from consistency_solver.training.__main__ import main
 from consistency_solver.training.testbeds import get_testbed
 from consistency_solver.training.train.data import ReferenceSettings, bed_problem
-from consistency_solver.training.train.loop import TrainConfig, coefficients, held_out_rmse, train
+from consistency_solver.training.train.loop import TrainConfig, coefficients, held_out_rmse, learning_rate, train
 from consistency_solver.training.train.ppo import (
     PPOSettings,
     clipped_loss,
@@ -140,6 +140,7 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(problem, tmp_path,
         ppo=PPOSettings(rollouts=4, epochs=2),
         form=form,
         schedule=schedule,
+        lr_schedule="cosine" if form == "table" else "constant",
     )
     uninterrupted = train(config, [problem], progress=False)
     checkpoint = tmp_path / "run.ckpt"
@@ -253,3 +254,10 @@ def test_table_and_learned_schedule_improve_held_out_consistency_and_export_both
     assert isinstance(loaded, TableCoefficients) and torch.equal(loaded.tables[4], trained.tables[4])
     assert torch.equal(loaded.schedule.sigmas(4, 0.03, 14.6), trained.schedule.sigmas(4, 0.03, 14.6))
     assert held_out_rmse(loaded, problem, 4) == pytest.approx(held_out_rmse(trained, problem, 4), rel=1e-6)
+
+
+def test_cosine_learning_rate_decays_to_zero():
+    config = TrainConfig(mode="direct", updates=10, lr=0.1, lr_schedule="cosine")
+    assert [learning_rate(config, u) for u in (0, 5)] == pytest.approx([0.1, 0.05])
+    assert learning_rate(config, 9) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 0.9)))
+    assert learning_rate(TrainConfig(lr=0.1, updates=10), 9) == 0.1

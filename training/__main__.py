@@ -27,7 +27,17 @@ from .references import REFERENCE_METHODS
 from .testbeds import TESTBED_NAMES
 from .train import distributed
 from .train.data import ReferenceSettings, bed_problem
-from .train.loop import FORMS, MODES, SCHEDULES, Problem, TrainConfig, coefficients, evaluate_policy, train
+from .train.loop import (
+    FORMS,
+    LR_SCHEDULES,
+    MODES,
+    SCHEDULES,
+    Problem,
+    TrainConfig,
+    coefficients,
+    evaluate_policy,
+    train,
+)
 from .train.ppo import PPOSettings
 from .train.report import write_report
 from .train.rewards import REWARD_NAMES, load_feature_encoder, make_reward
@@ -65,6 +75,9 @@ def parser() -> argparse.ArgumentParser:
     method.add_argument("--steps", type=step_range, default=tuple(range(4, 13)), help="step counts (default 4-12)")
     method.add_argument("--updates", type=int, default=200)
     method.add_argument("--lr", type=float, default=1e-3)
+    method.add_argument(
+        "--lr-schedule", choices=LR_SCHEDULES, default="constant", help="cosine: decay the lr to 0 over --updates"
+    )
     method.add_argument("--weight-decay", type=float, default=1e-3)
     method.add_argument("--grad-clip", type=float, default=1.0)
     method.add_argument("--groups", type=int, default=4, help="ppo: groups per update")
@@ -137,6 +150,7 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
         gradient_checkpointing=args.gradient_checkpointing,
         schedule=args.schedule,
         form=args.form,
+        lr_schedule=args.lr_schedule,
     )
 
 

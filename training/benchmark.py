@@ -40,7 +40,7 @@ from . import comfy_backend
 from .baselines import BASELINE_LABEL, sample_dpmpp_2m
 from .metrics import consistency_rmse, frechet_distance, label_agreement, mode_tv, sliced_wasserstein
 from .references import held_out_seeds, reference_finals, seeded_batch
-from .testbeds import FASHION_BED, GMMTestBed, TestBed, get_testbed
+from .testbeds import FASHION_BED, GMMTestBed, TestBed, get_testbed, run_sigmas
 
 CACHE_DIR = Path(".cache") / "references"
 STEP_COUNTS = (4, 5, 6, 8, 10, 12)
@@ -165,8 +165,8 @@ def consistency_rows(bed: TestBed, model: Sampler, noise: Tensor, files: list[Pa
             trained = set(coefficients.trained_steps)
 
         def run(steps: int, coefficients=coefficients) -> Tensor | None:
-            sigmas = bed.sigmas(steps).float()
             try:
+                sigmas = run_sigmas(bed, steps, coefficients.schedule).float()
                 return sample_consistency_solver(
                     model,
                     bed.initial_state(noise, sigmas),
@@ -175,10 +175,11 @@ def consistency_rows(bed: TestBed, model: Sampler, noise: Tensor, files: list[Pa
                     coefficients=coefficients,
                     model_sampling=model_sampling,
                 )
-            except ValueError:  # a table without this step count, or features the bed cannot give
+            except ValueError:  # a step count the table or schedule lacks, or features the bed cannot give
                 return None
 
-        rows.append(Row(f"ConsistencySolver ({path.stem})", run, lambda steps, t=trained: "" if steps in t else "*"))
+        label = path.stem if coefficients.schedule is None else f"{path.stem}, learned schedule"
+        rows.append(Row(f"ConsistencySolver ({label})", run, lambda steps, t=trained: "" if steps in t else "*"))
     return rows
 
 

@@ -37,6 +37,7 @@ MODES = ("ppo", "direct")
 SCHEDULES = ("given", "learned")
 # "policy": the paper's network of the step times; "table": free weights per step count (direct mode).
 FORMS = ("policy", "table")
+LR_SCHEDULES = ("constant", "cosine")
 # The released code's inference read-out differs per mode: PPO learns a sharp categorical (argmax),
 # the direct mode optimises the expectation itself.
 INFERENCE_MODE = {"ppo": "mode", "direct": "expectation"}
@@ -66,12 +67,15 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     schedule: str = "given"
     form: str = "policy"
+    lr_schedule: str = "constant"  # or "cosine": decay to 0 over the run, so a late noisy step cannot undo it
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; modes: {', '.join(MODES)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; schedules: {', '.join(SCHEDULES)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr schedule {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
         if self.form not in FORMS:
             raise ValueError(f"unknown form {self.form!r}; forms: {', '.join(FORMS)}")
         if self.form == "table" and self.mode != "direct":
@@ -407,6 +411,8 @@ def train(
     last = config.updates if stop_after is None else min(config.updates, stop_after)
     bar = tqdm(range(state.update, last), disable=not (progress and leader), desc=f"training ({config.mode})")
     for update in bar:
+        for group in state.optimizer.param_groups:
+            group["lr"] = learning_rate(config, update)
         plans = plan_update(config, problems, update)
         step = ppo_update if config.mode == "ppo" else direct_update
         reward = step(state, problems, plans, config)
@@ -422,6 +428,12 @@ def train(
         if checkpoint is not None and leader and (state.update % config.checkpoint_every == 0 or state.update == last):
             save_checkpoint(checkpoint, state, config)
     return state
+
+
+def learning_rate(config: TrainConfig, update: int) -> float:
+    if config.lr_schedule == "cosine":
+        return config.lr * 0.5 * (1 + math.cos(math.pi * update / config.updates))
+    return config.lr
 
 
 def _mean(values: dict[int, float]) -> float:
