@@ -9,12 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
-_TRAIN = "python -m consistency_solver.training --steps 4-12 --mode ppo --updates 800 --eval-every 200"
+_TRAIN = (
+    "python -m consistency_solver.training --steps 4-12 --threads 1 --no-progress --mode direct --schedule learned "
+    "--lr-schedule cosine"
+)
 DEFAULT_FILE_COMMANDS = {
     "eps": f"{_TRAIN} --bed gmm-image-eps-cfg --bed gmm-image-eps --bed gmm-vector-eps-cfg --bed gmm-vector-eps "
+    "--bed fashion-eps-cfg --updates 300 --batch 4 --lr 5e-3 --train-count 128 --held-out-count 64 "
     "--output solver/bundled/default-eps.safetensors",
     "flow": f"{_TRAIN} --bed gmm-image-flow-cfg --bed gmm-image-flow --bed gmm-vector-flow-cfg --bed gmm-vector-flow "
-    "--output solver/bundled/default-flow.safetensors",
+    "--updates 1000 --batch 16 --lr 1e-2 --output solver/bundled/default-flow.safetensors",
 }
 
 

@@ -82,8 +82,13 @@ def test_a_file_with_a_learned_schedule_runs_on_it(tmp_path):
     save_coefficients(path, table, model_family="gmm-eps")
     noise = torch.randn(8, *bed.shape, generator=torch.Generator().manual_seed(0))
     model = bed.model(bed.sample_labels(8, torch.Generator().manual_seed(1)))
-    (row,) = benchmark.consistency_rows(bed, model, noise, [path])
+    row, on_default = benchmark.consistency_rows(bed, model, noise, [path])
     assert row.label == "ConsistencySolver (scheduled, learned schedule)"
+    assert on_default.label == "ConsistencySolver (scheduled, bed's schedule)"
+    plain = sample_consistency_solver(
+        model, bed.initial_state(noise, bed.sigmas(4)), bed.sigmas(4).float(), disable=True, coefficients=table
+    )
+    assert torch.equal(on_default.run(4), plain)
     sigmas = schedule.sigmas(4, bed.sigma_min, bed.sigma_max).float()
     assert float(sigmas[-2]) > 2 * bed.sigma_min  # position 0.8 stops short of sigma_min
     expected = sample_consistency_solver(

@@ -22,6 +22,7 @@ Then "steps to match" (the fewest ConsistencySolver steps at least as consistent
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -151,7 +152,8 @@ def coefficient_files(extra: list[Path]) -> list[Path]:
 
 
 def consistency_rows(bed: TestBed, model: Sampler, noise: Tensor, files: list[Path]) -> list[Row]:
-    """One row per coefficient file whose model family fits the bed (``any`` or the bed's eps/flow kind)."""
+    """One row per coefficient file whose model family fits the bed (``any`` or the bed's eps/flow kind); two
+    for a file with a learned schedule: on it, and on the bed's default schedule."""
     rows = []
     # Timestep-conditioned policies need a sigma -> timestep map; SD1.5's is the eps beds' schedule range.
     model_sampling = DiscreteSchedule() if bed.kind == "eps" else None
@@ -164,9 +166,9 @@ def consistency_rows(bed: TestBed, model: Sampler, noise: Tensor, files: list[Pa
         else:
             trained = set(coefficients.trained_steps)
 
-        def run(steps: int, coefficients=coefficients) -> Tensor | None:
+        def run(steps: int, coefficients=coefficients, schedule=coefficients.schedule) -> Tensor | None:
             try:
-                sigmas = run_sigmas(bed, steps, coefficients.schedule).float()
+                sigmas = run_sigmas(bed, steps, schedule).float()
                 return sample_consistency_solver(
                     model,
                     bed.initial_state(noise, sigmas),
@@ -178,8 +180,17 @@ def consistency_rows(bed: TestBed, model: Sampler, noise: Tensor, files: list[Pa
             except ValueError:  # a step count the table or schedule lacks, or features the bed cannot give
                 return None
 
-        label = path.stem if coefficients.schedule is None else f"{path.stem}, learned schedule"
-        rows.append(Row(f"ConsistencySolver ({label})", run, lambda steps, t=trained: "" if steps in t else "*"))
+        def note(steps: int, trained=trained) -> str:
+            return "" if steps in trained else "*"
+
+        if coefficients.schedule is None:
+            rows.append(Row(f"ConsistencySolver ({path.stem})", run, note))
+            continue
+        # A file with a learned schedule, on it (the consistency_solver scheduler) and on the bed's default
+        # schedule (the file picked with a stock scheduler), which its weights were not trained for.
+        rows.append(Row(f"ConsistencySolver ({path.stem}, learned schedule)", run, note))
+        on_default = functools.partial(run, schedule=None)
+        rows.append(Row(f"ConsistencySolver ({path.stem}, bed's schedule)", on_default, note))
     return rows
 
 

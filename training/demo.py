@@ -26,7 +26,7 @@ from ..solver.schedules import DiscreteSchedule
 from .baselines import sample_dpmpp_2m
 from .metrics import psnr, rmse_per_sample, ssim
 from .references import HELD_OUT_SEED_START, reference_finals, seeded_batch
-from .testbeds import FASHION_BED, get_testbed
+from .testbeds import FASHION_BED, get_testbed, run_sigmas
 
 DEFAULT_COEFFICIENTS = BUNDLED_DIR / default_file_name("eps")
 PREVIEW_STEPS = 6
@@ -92,13 +92,16 @@ def run(coefficients_path: Path | None, classes: list[int], seeds_per_class: int
     labels = torch.tensor([c for c in classes for _ in range(seeds_per_class)])
     sigmas = bed.sigmas(PREVIEW_STEPS).float()
     x = bed.initial_state(noise, sigmas)
+    # The solver runs on its file's learned schedule when it has one (dpmpp_2m keeps the bed's).
+    solver_sigmas = run_sigmas(bed, PREVIEW_STEPS, coefficients.schedule).float()
+    solver_x = bed.initial_state(noise, solver_sigmas)
     with tqdm(total=2 * PREVIEW_STEPS + FINAL_STEPS, desc="model calls", unit="call") as progress:
         # Counting calls for the progress bar: the reference generator calls bed.denoise through bed.model.
         denoise = bed.denoise
         bed.denoise = counted(denoise, progress)
         model = bed.model(labels)
         solver_previews = sample_consistency_solver(
-            model, x, sigmas, disable=True, coefficients=coefficients, model_sampling=DiscreteSchedule()
+            model, solver_x, solver_sigmas, disable=True, coefficients=coefficients, model_sampling=DiscreteSchedule()
         )
         dpm_previews = sample_dpmpp_2m(model, x, sigmas, disable=True)
         finals = reference_finals(bed, noise, labels, method="multistep", steps=FINAL_STEPS)

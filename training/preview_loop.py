@@ -33,7 +33,7 @@ from ..solver.schedules import DiscreteSchedule
 from .baselines import sample_dpmpp_2m
 from .demo import resolve_coefficients
 from .references import held_out_seeds, multistep_run, seeded_batch
-from .testbeds import FASHION_BED, get_testbed
+from .testbeds import FASHION_BED, get_testbed, run_sigmas
 
 FINAL_STEPS = 40
 METHODS = ("ConsistencySolver", "dpmpp_2m", "live preview", "no preview")
@@ -94,6 +94,9 @@ def run(
     model = bed.model(labels)
     sigmas = bed.sigmas(preview_steps).float()
     x = bed.initial_state(noise, sigmas)
+    # The solver runs on its file's learned schedule when it has one (dpmpp_2m keeps the bed's).
+    solver_sigmas = run_sigmas(bed, preview_steps, coefficients.schedule).float()
+    solver_x = bed.initial_state(noise, solver_sigmas)
     live: dict[int, Tensor] = {}
 
     def keep_live_preview(info: dict) -> None:
@@ -103,7 +106,12 @@ def run(
     with tqdm(total=3, desc="sampling", unit="run") as progress:
         previews = {
             "ConsistencySolver": sample_consistency_solver(
-                model, x, sigmas, disable=True, coefficients=coefficients, model_sampling=DiscreteSchedule()
+                model,
+                solver_x,
+                solver_sigmas,
+                disable=True,
+                coefficients=coefficients,
+                model_sampling=DiscreteSchedule(),
             )
         }
         progress.update(1)
