@@ -18,6 +18,7 @@ from consistency_solver.training.train.data import ReferenceSettings, reference_
 from consistency_solver.training.train.loop import Problem, TrainConfig, coefficients, held_out_rmse, train  # noqa: E402
 from consistency_solver.training.train.ppo import PPOSettings  # noqa: E402
 from consistency_solver.training.train.rewards import make_reward  # noqa: E402
+from consistency_solver.training.train.schedule import LearnedSchedule  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,3 +78,22 @@ def test_training_runs_on_the_tiny_comfyui_model(tmp_path, mode):
     assert state.update == 2 and all(torch.isfinite(torch.tensor(h["reward"])) for h in state.history)
     assert state.policy.mlp[4].weight.abs().sum() > 0  # the policy moved: gradients flowed through ComfyUI
     assert held_out_rmse(coefficients(state.policy, config), problem, 3) > 0
+
+
+def test_a_schedule_learns_through_the_tiny_comfyui_model(tmp_path):
+    model = tiny("eps")
+    settings = ReferenceSettings(steps=12, train_count=4, held_out_count=2, cache_dir=str(tmp_path))
+    problem = Problem(
+        bed=model,
+        train=reference_set(model, list(range(4)), settings),
+        held_out=reference_set(model, [10_000, 10_001], settings),
+        reward=make_reward("rmse"),
+    )
+    config = TrainConfig(mode="direct", schedule="learned", steps=(3,), updates=2, batch=2, eval_steps=(3,))
+    state = train(config, [problem], progress=False)
+    initial = LearnedSchedule.from_default(model, (3,))
+    assert not torch.equal(state.schedule.logits["N3"], initial.logits["N3"])  # sigma gradients flowed
+    trained = coefficients(state.policy, config, state.schedule)
+    sigmas = trained.schedule.sigmas(3, model.sigma_min, model.sigma_max)
+    assert sigmas[0] == pytest.approx(float(model.model_sampling.sigma_max)) and sigmas[-1] == 0
+    assert held_out_rmse(trained, problem, 3) > 0

@@ -210,7 +210,8 @@ class ComfyModel:
     def initial_state(self, noise: Tensor, sigmas: Tensor) -> Tensor:
         """x at sigmas[0] from an empty latent, as ComfyUI's KSAMPLER scales the noise (incl. its max-denoise rule)."""
         sigma_max = float(self.model_sampling.sigma_max)
-        max_denoise = math.isclose(sigma_max, float(sigmas[0]), rel_tol=1e-5) or float(sigmas[0]) > sigma_max
+        first = float(sigmas[0].detach())  # a learned schedule's sigmas carry gradients
+        max_denoise = math.isclose(sigma_max, first, rel_tol=1e-5) or first > sigma_max
         noise = noise.to(self.device)
         sigma = sigmas[0].to(self.device, noise.dtype)
         return self.model_sampling.noise_scaling(sigma, noise, torch.zeros_like(noise), max_denoise)
