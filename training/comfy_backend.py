@@ -184,7 +184,9 @@ class ComfyModel:
             return ignored
 
         zeros = torch.zeros(state.shape, dtype=torch.float32)
-        sigmas = torch.stack([sigma[0].float(), torch.zeros(())])
+        # The guider's own sigmas only set up the run (noise scaling of the ignored zeros); the gradient
+        # of a learned schedule flows through ``level``, where the model is evaluated.
+        sigmas = torch.stack([sigma[0].detach().float(), torch.zeros(())])
         self.guider(label).sample(zeros, zeros, comfy.samplers.KSAMPLER(evaluate), sigmas, disable_pbar=True)
         return result["denoised"]
 
