@@ -26,7 +26,10 @@ COEFFICIENTS_TYPE = "CONSISTENCY_COEFFICIENTS"
 PREVIEW_STATE_TYPE = "PREVIEW_STATE"
 # The stock KSampler's default, so Preview/Refine behave like it out of the box. Not consistency_solver: it works
 # only with a file trained with a schedule (presets and older files have none) and for its trained step counts.
-DEFAULT_SCHEDULER = "simple"
+# The preview runs on the schedule learned with its coefficients (the bundled defaults carry one): on the
+# stock schedules the learned weights lose much of their consistency. The refine keeps a stock schedule.
+PREVIEW_SCHEDULER = SCHEDULER_NAME
+REFINE_SCHEDULER = "simple"
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
 
 
@@ -113,8 +116,8 @@ def _cfg_input() -> tuple[str, dict[str, Any]]:
     )
 
 
-def _scheduler_input(tooltip: str) -> tuple[list[str], dict[str, Any]]:
-    return (scheduler_names(), {"default": DEFAULT_SCHEDULER, "tooltip": tooltip})
+def _scheduler_input(default: str, tooltip: str) -> tuple[list[str], dict[str, Any]]:
+    return (scheduler_names(), {"default": default, "tooltip": tooltip})
 
 
 def _selection(coefficients: str, inference_mode: str, allow_untrained_steps: bool, loaded: Any) -> Any:
@@ -256,8 +259,10 @@ class DiffusionPreview:
                 ),
                 "cfg": _cfg_input(),
                 "scheduler": _scheduler_input(
-                    "How the noise levels are spaced over the preview steps. consistency_solver: the schedule "
-                    "learned with the chosen coefficients (a file trained with a schedule, trained step counts)."
+                    PREVIEW_SCHEDULER,
+                    "How the noise levels are spaced over the preview steps. consistency_solver (default): the "
+                    "schedule learned with the chosen coefficients, which the bundled files carry for 4-12 steps "
+                    "(counting steps / denoise); a preset or a file without a schedule needs a stock scheduler.",
                 ),
                 "denoise": (
                     "FLOAT",
@@ -339,9 +344,10 @@ class DiffusionRefine:
                 "steps": ("INT", {"default": 30, "min": 1, "max": 10000, "tooltip": "Steps of the full render."}),
                 "cfg": _cfg_input(),
                 "scheduler": _scheduler_input(
+                    REFINE_SCHEDULER,
                     "How the noise levels are spaced over the refine steps: its own choice, whatever the preview "
                     "used (the start is the same noise level at denoise 1). consistency_solver works only for a "
-                    "step count the preview's file has a learned schedule for; keep a stock one for 30 steps."
+                    "step count the preview's file has a learned schedule for; keep a stock one for 30 steps.",
                 ),
             },
             "optional": {

@@ -100,7 +100,6 @@ def test_preview_and_refine_declare_the_issue_inputs_and_outputs(live_lists):
     assert refine["required"]["approve"][1]["default"] is False
     assert refine["required"]["select"][1]["default"] == "all"
     assert refine["optional"]["sampler"][0] == "SAMPLER"
-    assert refine["required"]["scheduler"][1]["default"] == preview["required"]["scheduler"][1]["default"]
     assert "seed" not in refine["required"]  # the seed travels in the state (a second seed widget would drift)
     assert definitions.SamplerConsistencySolver.RETURN_TYPES == ("SAMPLER",)
     assert definitions.ConsistencySolverCoefficients.RETURN_TYPES == ("CONSISTENCY_COEFFICIENTS",)
@@ -258,10 +257,13 @@ def test_the_scheduler_node_sits_with_the_stock_schedulers(live_lists):
     assert NODE_DISPLAY_NAME_MAPPINGS["ConsistencySolverScheduler"] == "Consistency Solver Scheduler"
 
 
-def test_the_preview_keeps_a_stock_default_scheduler(live_lists):
-    # consistency_solver fails for presets, files without a schedule and untrained step counts: never a default.
-    assert definitions.DEFAULT_SCHEDULER == "simple"
-    assert "consistency_solver" in definitions.DiffusionRefine.INPUT_TYPES()["required"]["scheduler"][1]["tooltip"]
+def test_the_preview_defaults_to_the_learned_schedule_and_the_refine_to_a_stock_one(live_lists, monkeypatch):
+    monkeypatch.setattr(definitions, "scheduler_names", lambda: [*SCHEDULERS, "consistency_solver"])
+    preview = definitions.DiffusionPreview.INPUT_TYPES()["required"]["scheduler"]
+    refine = definitions.DiffusionRefine.INPUT_TYPES()["required"]["scheduler"]
+    assert preview[1]["default"] == "consistency_solver" and preview[1]["default"] in preview[0]
+    assert refine[1]["default"] == "simple"  # 30 steps: no learned schedule covers them
+    assert "consistency_solver" in refine[1]["tooltip"]
 
 
 def test_learned_sigmas_are_the_schedule_over_the_model_range():

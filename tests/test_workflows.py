@@ -20,7 +20,8 @@ UI_KEYS = {"last_node_id", "last_link_id", "nodes", "links", "groups", "config",
 
 @pytest.fixture
 def our_definitions(monkeypatch):
-    monkeypatch.setattr(definitions, "scheduler_names", lambda: ["simple", "karras"])
+    # The scheduler list as ComfyUI has it once the pack registered consistency_solver.
+    monkeypatch.setattr(definitions, "scheduler_names", lambda: ["simple", "karras", "consistency_solver"])
     monkeypatch.setattr(definitions, "coefficient_file_names", lambda: [])
     return {name: node_info(cls) for name, cls in NODE_CLASS_MAPPINGS.items()} | {"Sources": SOURCES}
 
