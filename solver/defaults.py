@@ -14,9 +14,8 @@ _TRAIN = (
     "--lr-schedule cosine"
 )
 DEFAULT_FILE_COMMANDS = {
-    "eps": f"{_TRAIN} --bed gmm-image-eps-cfg --bed gmm-image-eps --bed gmm-vector-eps-cfg --bed gmm-vector-eps "
-    "--bed fashion-eps-cfg --updates 300 --batch 4 --lr 5e-3 --train-count 128 --held-out-count 64 "
-    "--output solver/bundled/default-eps.safetensors",
+    "eps": f"{_TRAIN} --bed fashion-eps-cfg --bed gmm-image-eps-cfg --updates 200 --batch 4 --lr 5e-3 "
+    "--train-count 128 --held-out-count 64 --output solver/bundled/default-eps.safetensors",
     "flow": f"{_TRAIN} --bed gmm-image-flow-cfg --bed gmm-image-flow --bed gmm-vector-flow-cfg --bed gmm-vector-flow "
     "--updates 1000 --batch 16 --lr 1e-2 --output solver/bundled/default-flow.safetensors",
 }

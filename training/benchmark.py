@@ -41,7 +41,7 @@ from . import comfy_backend
 from .baselines import BASELINE_LABEL, sample_dpmpp_2m
 from .metrics import consistency_rmse, frechet_distance, label_agreement, mode_tv, sliced_wasserstein
 from .references import held_out_seeds, reference_finals, seeded_batch
-from .testbeds import FASHION_BED, GMMTestBed, TestBed, get_testbed, run_sigmas
+from .testbeds import FASHION_BED, TESTBED_NAMES, GMMTestBed, TestBed, get_testbed, run_sigmas
 
 CACHE_DIR = Path(".cache") / "references"
 STEP_COUNTS = (4, 5, 6, 8, 10, 12)
@@ -50,7 +50,7 @@ REFERENCE_STEPS = 40
 LIVE_PREVIEW_STEPS = 30
 MATCH_TARGETS = (10, 20)
 MAX_MATCH_STEPS = 20
-DEFAULT_BEDS = ("gmm-vector-eps", "gmm-vector-flow-cfg", "gmm-image-eps-cfg", "gmm-image-flow-cfg", FASHION_BED)
+DEFAULT_BEDS = TESTBED_NAMES  # all nine: the trainer's acceptance is judged on every bed
 QUICK_BEDS = ("gmm-vector-eps-cfg", "gmm-vector-flow-cfg")
 SAMPLES = {"gmm": 256, "fashion": 64}
 QUICK_SAMPLES = 16
