@@ -61,16 +61,21 @@ def test_the_backend_denoiser_is_comfyuis_guided_model(kind):
     assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["ppo", "direct"])
-def test_training_runs_on_the_tiny_comfyui_model(tmp_path, mode):
+def tiny_problem(cache_dir) -> Problem:
+    """The tiny EPS model with 4 training and 2 held-out noises, references 12 steps deep."""
     model = tiny("eps")
-    settings = ReferenceSettings(steps=12, train_count=4, held_out_count=2, cache_dir=str(tmp_path))
-    problem = Problem(
+    settings = ReferenceSettings(steps=12, train_count=4, held_out_count=2, cache_dir=str(cache_dir))
+    return Problem(
         bed=model,
         train=reference_set(model, list(range(4)), settings),
         held_out=reference_set(model, [10_000, 10_001], settings),
         reward=make_reward("rmse"),
     )
+
+
+@pytest.mark.parametrize("mode", ["ppo", "direct"])
+def test_training_runs_on_the_tiny_comfyui_model(tmp_path, mode):
+    problem = tiny_problem(tmp_path)
     config = TrainConfig(
         mode=mode, steps=(3,), updates=2, groups=2, batch=2, eval_steps=(3,), ppo=PPOSettings(rollouts=3, epochs=2)
     )
@@ -81,14 +86,8 @@ def test_training_runs_on_the_tiny_comfyui_model(tmp_path, mode):
 
 
 def test_a_schedule_learns_through_the_tiny_comfyui_model(tmp_path):
-    model = tiny("eps")
-    settings = ReferenceSettings(steps=12, train_count=4, held_out_count=2, cache_dir=str(tmp_path))
-    problem = Problem(
-        bed=model,
-        train=reference_set(model, list(range(4)), settings),
-        held_out=reference_set(model, [10_000, 10_001], settings),
-        reward=make_reward("rmse"),
-    )
+    problem = tiny_problem(tmp_path)
+    model = problem.bed
     config = TrainConfig(mode="direct", schedule="learned", steps=(3,), updates=2, batch=2, eval_steps=(3,))
     state = train(config, [problem], progress=False)
     initial = LearnedSchedule.from_default(model, (3,))
