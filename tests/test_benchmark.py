@@ -44,8 +44,10 @@ def test_quick_benchmark_writes_tables_plots_and_numbers(tmp_path, capsys):
     assert eps["rows"]["ConsistencySolver (table-ab2)"]["6"] is None
     assert "ConsistencySolver (policy-flow)" in flow["rows"]
     assert "`*`: a step count the policy was not trained for." in markdown  # the policy at 6 steps
-    rmse, sliced_w2, mode_tv = eps["rows"]["preset ab4"]["6"]
+    rmse, sliced_w2, mode_tv, median = eps["rows"]["preset ab4"]["6"]
     assert 0 < rmse < 1 and sliced_w2 > 0 and 0 <= mode_tv <= 1
+    assert 0 < median < 1
+    assert "(median per-sample RMSE)" in markdown
     live = next(label for label in eps["rows"] if label.startswith("live preview"))
     assert eps["rows"][live]["4"][0] > eps["rows"][live]["6"][0]  # later previews are closer to the final
     # The table's 4-step cell is the ab2 preset's: the same weights (from float64 rather than float32 sigmas).
