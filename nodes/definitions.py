@@ -24,8 +24,6 @@ CATEGORY = "sampling/consistency_solver"
 SCHEDULER_CATEGORY = "sampling/custom_sampling/schedulers"  # beside BasicScheduler and KarrasScheduler
 COEFFICIENTS_TYPE = "CONSISTENCY_COEFFICIENTS"
 PREVIEW_STATE_TYPE = "PREVIEW_STATE"
-# The stock KSampler's default, so Preview/Refine behave like it out of the box. Not consistency_solver: it works
-# only with a file trained with a schedule (presets and older files have none) and for its trained step counts.
 # The preview runs on the schedule learned with its coefficients (the bundled defaults carry one): on the
 # stock schedules the learned weights lose much of their consistency. The refine keeps a stock schedule.
 PREVIEW_SCHEDULER = SCHEDULER_NAME

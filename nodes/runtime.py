@@ -21,7 +21,6 @@ import torch
 from ..solver import CoefficientSource
 from ..solver import sample_consistency_solver as solver_sample
 from .coefficients import (
-    AUTO,
     BUNDLED_DIR,
     FOLDER_NAME,
     SCHEDULER_NAME,
@@ -126,8 +125,11 @@ def consistency_sampler(selection: CoefficientSelection) -> comfy.samplers.KSAMP
     return comfy.samplers.KSAMPLER(sample_consistency_solver, extra_options={"selection": selection})
 
 
-def schedule_sigmas(model_sampling: Any, steps: int, denoise: float, selection: CoefficientSelection) -> torch.Tensor:
-    """The learned schedule of the chosen coefficients over this model's sigma range (see ``learned_sigmas``)."""
+def schedule_sigmas(
+    model_sampling: Any, steps: int, denoise: float, selection: CoefficientSelection, by_name: bool = False
+) -> torch.Tensor:
+    """The learned schedule of the chosen coefficients over this model's sigma range (see ``learned_sigmas``);
+    ``by_name``: asked for through ComfyUI's scheduler lists, whose step counting the error then explains."""
     return learned_sigmas(
         coefficients_for(model_sampling, selection),
         steps,
@@ -135,24 +137,18 @@ def schedule_sigmas(model_sampling: Any, steps: int, denoise: float, selection: 
         float(model_sampling.sigma_min),
         float(model_sampling.sigma_max),
         describe_choice(selection.choice, model_kind(model_sampling)),
+        steps_note=_KSAMPLER_STEPS_NOTE if by_name else "",
+        by_name=by_name,
     )
 
 
 def consistency_solver_scheduler(model_sampling: Any, steps: int) -> torch.Tensor:
     """The ``consistency_solver`` entry of ComfyUI's scheduler lists (``calculate_sigmas`` calls it).
 
-    By name it uses the pack's default file for the model family, as the sampler of that name does.
+    By name it uses the pack's default file for the model family, as the sampler of that name does;
+    KSampler and BasicScheduler have already turned denoise into the step count.
     """
-    return learned_sigmas(
-        coefficients_for(model_sampling, _BY_NAME),
-        steps,
-        1.0,  # KSampler and BasicScheduler have already turned denoise into the step count
-        float(model_sampling.sigma_min),
-        float(model_sampling.sigma_max),
-        describe_choice(AUTO, model_kind(model_sampling)),
-        steps_note=_KSAMPLER_STEPS_NOTE,
-        by_name=True,
-    )
+    return schedule_sigmas(model_sampling, steps, 1.0, _BY_NAME, by_name=True)
 
 
 def ksampler_sigmas(model: Any, steps: int, scheduler: str, denoise: float) -> torch.Tensor:
