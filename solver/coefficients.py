@@ -5,6 +5,11 @@ gives the table ``w`` of shape [steps, order] (float64, CPU), newest derivative 
 ``min(i + 1, order)`` usable entries (the rest are 0) and sums to 1. Every source (a preset, a
 learned policy, a plain table) answers ``weights(sigmas, sigma_to_timestep)`` once per run, and
 has a ``schedule``: the learned ``StepSchedule`` it was trained with, or None (it works on any sigmas).
+
+A table may instead declare ``row_sums = "free"``: each row sums to a learned positive step scale s_i, so
+the step moves ``s_i (sigma_{i+1} - sigma_i)`` along the blended derivative while the model still sees the
+schedule's sigmas (the scale transform of bespoke solvers). Such a table is no longer first-order
+consistent, which a table can afford: it only serves the step counts it was trained for.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from .schedules import StepSchedule
 from .time_features import SigmaToTimestep
 
 PRESET_NAMES = ("euler", "ab2", "ab3", "ab4", "ipndm")
+# "one": rows sum to 1 (first-order consistency); "free": a table's rows sum to learned positive step scales.
+ROW_SUMS = ("one", "free")
 
 # ComfyUI's sample_ipndm: Adams-Bashforth coefficients for equal steps, newest first.
 _IPNDM_WEIGHTS = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
@@ -27,6 +34,7 @@ _IPNDM_WEIGHTS = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24
 class CoefficientSource(Protocol):
     order: int
     schedule: StepSchedule | None
+    row_sums: str
 
     def weights(self, sigmas: torch.Tensor, sigma_to_timestep: SigmaToTimestep | None = None) -> torch.Tensor: ...
 
@@ -60,6 +68,7 @@ class Preset:
 
     name: str
     schedule = None  # presets work on whatever sigmas they are given
+    row_sums = "one"
 
     def __post_init__(self) -> None:
         if self.name not in PRESET_NAMES:
@@ -81,12 +90,18 @@ class Preset:
 
 @dataclass(frozen=True)
 class TableCoefficients:
-    """Explicit weights per step count: ``tables[N]`` is the [N, order] table for an N-step run."""
+    """Explicit weights per step count: ``tables[N]`` is the [N, order] table for an N-step run; rows sum to 1,
+    or to learned step scales with ``row_sums="free"``."""
 
     tables: dict[int, torch.Tensor]
     order: int
     metadata: dict[str, str] = field(default_factory=dict, compare=False)
     schedule: StepSchedule | None = None
+    row_sums: str = "one"
+
+    def __post_init__(self) -> None:
+        if self.row_sums not in ROW_SUMS:
+            raise ValueError(f"unknown row_sums {self.row_sums!r}; choose one of {', '.join(ROW_SUMS)}")
 
     def weights(self, sigmas: torch.Tensor, sigma_to_timestep: SigmaToTimestep | None = None) -> torch.Tensor:
         steps = len(sigmas) - 1

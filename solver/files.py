@@ -15,6 +15,8 @@ trained_steps       comma-separated step counts it was trained on (a table: the 
 time_features       policy only: the feature kind (see ``solver.time_features``)
 inference_mode      policy only: the deterministic read-out it was trained for, ``mode`` or ``expectation``
 bins, hidden        policy only: grid size and MLP width
+row_sums            table only: ``one`` (rows sum to 1) or ``free`` (rows sum to learned positive step
+                    scales, see ``solver.coefficients``)
 description         free text
 training            JSON summary of how it was made (command, reward, model evaluations, ...)
 ==================  ==========================================================================
@@ -36,7 +38,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .coefficients import TableCoefficients
+from .coefficients import ROW_SUMS, TableCoefficients
 from .policy import INFERENCE_MODES, ConsistencyPolicy, PolicyCoefficients
 from .schedules import StepSchedule, validate_positions
 from .time_features import TIME_FEATURE_KINDS
@@ -55,6 +57,7 @@ _COMMON_KEYS = {
     "training",
 }
 _POLICY_KEYS = _COMMON_KEYS | {"time_features", "bins", "hidden", "inference_mode"}
+_TABLE_KEYS = _COMMON_KEYS | {"row_sums"}
 POLICY_TENSORS = (
     "mlp.0.weight",
     "mlp.0.bias",
@@ -117,7 +120,11 @@ def save_coefficients(
             f"weights.N{n}": table.detach().to("cpu", torch.float64).contiguous()
             for n, table in coefficients.tables.items()
         }
-        metadata |= {"kind": "table", "trained_steps": ",".join(str(n) for n in sorted(coefficients.tables))}
+        metadata |= {
+            "kind": "table",
+            "trained_steps": ",".join(str(n) for n in sorted(coefficients.tables)),
+            "row_sums": coefficients.row_sums,
+        }
     if coefficients.schedule is not None:
         tensors |= {
             f"schedule.N{n}": positions.detach().to("cpu", torch.float64).contiguous()
@@ -164,7 +171,7 @@ def load_coefficients(
     kind = metadata.get("kind")
     if kind not in ("policy", "table"):
         fail(f"unknown kind {kind!r} (expected 'policy' or 'table')")
-    allowed = _POLICY_KEYS if kind == "policy" else _COMMON_KEYS
+    allowed = _POLICY_KEYS if kind == "policy" else _TABLE_KEYS
     missing, unknown = sorted(allowed - metadata.keys()), sorted(metadata.keys() - allowed)
     if missing or unknown:
         fail(f"metadata keys missing {missing}, unknown {unknown}")
@@ -205,6 +212,9 @@ def _schedule_from_file(tensors, trained_steps, fail) -> StepSchedule | None:
 
 
 def _table_from_file(path, tensors, metadata, order, trained_steps, fail, schedule) -> TableCoefficients:
+    row_sums = metadata["row_sums"]
+    if row_sums not in ROW_SUMS:
+        fail(f"unknown row_sums {row_sums!r} (known: {', '.join(ROW_SUMS)})")
     expected = {f"weights.N{n}" for n in trained_steps}
     if set(tensors) != expected:
         fail(f"tensors {sorted(tensors)} do not match trained_steps {trained_steps} (expected {sorted(expected)})")
@@ -213,10 +223,13 @@ def _table_from_file(path, tensors, metadata, order, trained_steps, fail, schedu
         table = tensors[f"weights.N{n}"].to(torch.float64)
         if table.shape != (n, order):
             fail(f"weights.N{n} has shape {tuple(table.shape)}, expected {(n, order)}")
-        if not torch.allclose(table.sum(dim=1), torch.ones(n, dtype=torch.float64), atol=1e-5):
-            fail(f"rows of weights.N{n} do not sum to 1: {table.sum(dim=1).tolist()}")
+        sums = table.sum(dim=1)
+        if row_sums == "one" and not torch.allclose(sums, torch.ones(n, dtype=torch.float64), atol=1e-5):
+            fail(f"rows of weights.N{n} do not sum to 1: {sums.tolist()}")
+        if not (sums > 0).all():
+            fail(f"rows of weights.N{n} must sum to positive step scales: {sums.tolist()}")
         tables[n] = table
-    return TableCoefficients(tables=tables, order=order, metadata=metadata, schedule=schedule)
+    return TableCoefficients(tables=tables, order=order, metadata=metadata, schedule=schedule, row_sums=row_sums)
 
 
 def _policy_from_file(

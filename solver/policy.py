@@ -110,6 +110,7 @@ class PolicyCoefficients:
     allow_untrained_steps: bool = False
     metadata: dict[str, str] = field(default_factory=dict, compare=False)
     schedule: StepSchedule | None = None  # the schedule it was trained with, when learned jointly
+    row_sums = "one"  # the paper's rule: every row sums to 1
 
     def __post_init__(self) -> None:
         if self.mode not in INFERENCE_MODES:

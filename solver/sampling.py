@@ -27,8 +27,11 @@ def coefficient_table(
         raise ValueError(f"coefficient table has shape {tuple(table.shape)}, expected {(steps, coefficients.order)}")
     if not torch.isfinite(table).all():
         raise ValueError("coefficient table contains NaN or infinite weights")
-    if steps and not torch.allclose(table.sum(dim=1), torch.ones(steps, dtype=table.dtype), atol=1e-5):
-        raise ValueError(f"coefficient rows must sum to 1 (first-order consistency), got {table.sum(dim=1).tolist()}")
+    sums = table.sum(dim=1)
+    if coefficients.row_sums == "one" and not torch.allclose(sums, torch.ones_like(sums), atol=1e-5):
+        raise ValueError(f"coefficient rows must sum to 1 (first-order consistency), got {sums.tolist()}")
+    if not (sums > 0).all():
+        raise ValueError(f"coefficient rows must sum to positive step scales, got {sums.tolist()}")
     return table
 
 

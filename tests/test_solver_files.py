@@ -162,6 +162,21 @@ def test_table_rows_must_sum_to_one(tmp_path):
         load_coefficients(rewrite(path, {"weights.N2": bad}))
 
 
+def test_free_row_sums_table_round_trip_and_validation(tmp_path):
+    path = tmp_path / "free.safetensors"
+    table = torch.tensor([[0.9, 0.0], [1.8, -0.6]], dtype=torch.float64)
+    save_coefficients(path, TableCoefficients({2: table}, order=2, row_sums="free"), model_family="flow")
+    loaded = load_coefficients(path)
+    assert loaded.row_sums == "free" and loaded.metadata["row_sums"] == "free"
+    assert torch.equal(loaded.tables[2], table)
+    with pytest.raises(CoefficientFileError, match="must sum to positive step scales"):
+        load_coefficients(rewrite(path, {"weights.N2": torch.tensor([[0.9, 0.0], [0.2, -0.6]], dtype=torch.float64)}))
+    with pytest.raises(CoefficientFileError, match="unknown row_sums 'loose'"):
+        load_coefficients(rewrite(path, row_sums="loose"))
+    with pytest.raises(CoefficientFileError, match="rows of weights.N2 do not sum to 1"):
+        load_coefficients(rewrite(path, row_sums="one"))
+
+
 def test_table_shape_must_match_its_step_count(tmp_path):
     path = tmp_path / "table.safetensors"
     save_coefficients(path, two_step_table(), model_family="flow")

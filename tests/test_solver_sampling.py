@@ -217,6 +217,28 @@ def test_a_table_that_does_not_sum_to_one_is_refused_before_sampling():
         sample(table, torch.tensor([3.0, 1.0, 0.0]), torch.randn(1, 2))
 
 
+def test_a_free_row_sums_table_scales_each_step_by_its_row_sum():
+    sigmas = torch.tensor([3.0, 1.0, 0.0], dtype=torch.float64)
+    scales = torch.tensor([0.8, 1.3], dtype=torch.float64)
+    ab2 = torch.tensor([[1.0, 0.0], [1.5, -0.5]], dtype=torch.float64)
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected, history = x.clone(), []
+    for i, scale in enumerate(scales):
+        history = [(expected - gaussian_denoiser(expected, sigmas[i] * torch.ones(2))) / sigmas[i], *history]
+        blended = sum(weight * derivative for weight, derivative in zip(ab2[i], history, strict=False))
+        expected = expected + scale * (sigmas[i + 1] - sigmas[i]) * blended
+    free = TableCoefficients({2: ab2 * scales.unsqueeze(1)}, order=2, row_sums="free")
+    torch.testing.assert_close(sample(free, sigmas, x), expected)
+
+
+def test_free_row_sums_must_be_positive_and_named():
+    backwards = TableCoefficients({2: torch.tensor([[1.0, 0.0], [-0.5, 0.0]], dtype=torch.float64)}, 2, row_sums="free")
+    with pytest.raises(ValueError, match="positive step scales"):
+        sample(backwards, torch.tensor([3.0, 1.0, 0.0]), torch.randn(1, 2))
+    with pytest.raises(ValueError, match="unknown row_sums 'any'"):
+        TableCoefficients({}, 2, row_sums="any")
+
+
 def test_policy_refuses_untrained_step_counts_unless_allowed():
     policy = PolicyCoefficients(ConsistencyPolicy(order=3, bins=5, hidden=8), "log_sigma", (4, 5, 6))
     with pytest.raises(ValueError, match="trained for 4-6 steps, not 9.*allow_untrained_steps"):

@@ -22,7 +22,14 @@ from consistency_solver.solver.coefficients import history_lengths
 from consistency_solver.training.__main__ import main
 from consistency_solver.training.testbeds import get_testbed
 from consistency_solver.training.train.data import ReferenceSettings, bed_problem
-from consistency_solver.training.train.loop import TrainConfig, coefficients, held_out_rmse, learning_rate, train
+from consistency_solver.training.train.loop import (
+    TrainConfig,
+    build_policy,
+    coefficients,
+    held_out_rmse,
+    learning_rate,
+    train,
+)
 from consistency_solver.training.train.ppo import (
     PPOSettings,
     clipped_loss,
@@ -213,6 +220,8 @@ def test_cli_writes_a_coefficient_file_with_full_metadata_and_a_report(tmp_path)
         ({"mode": "ppo", "form": "table"}, "use --mode direct with --form table"),
         ({"schedule": "karras"}, "unknown schedule"),
         ({"form": "mlp"}, "unknown form"),
+        ({"mode": "direct", "row_sums": "free"}, "use --form table with --row-sums free"),
+        ({"mode": "direct", "form": "table", "row_sums": "loose"}, "unknown row sums"),
     ],
 )
 def test_config_refuses_combinations_that_cannot_train(options, message):
@@ -254,6 +263,25 @@ def test_table_and_learned_schedule_improve_held_out_consistency_and_export_both
     assert isinstance(loaded, TableCoefficients) and torch.equal(loaded.tables[4], trained.tables[4])
     assert torch.equal(loaded.schedule.sigmas(4, 0.03, 14.6), trained.schedule.sigmas(4, 0.03, 14.6))
     assert held_out_rmse(loaded, problem, 4) == pytest.approx(held_out_rmse(trained, problem, 4), rel=1e-6)
+
+
+def test_free_row_sums_start_at_one_and_learn_step_scales_that_beat_the_consistent_table(tmp_path):
+    settings = ReferenceSettings(train_count=256, held_out_count=128, cache_dir=str(tmp_path / "refs"))
+    problem = bed_problem("gmm-vector-eps-cfg", make_reward("rmse"), settings)
+    results = {}
+    for row_sums in ("one", "free"):
+        config = TrainConfig(
+            mode="direct", form="table", row_sums=row_sums, steps=(5,), updates=60, lr=1e-2, batch=128, seed=1
+        )
+        euler = torch.zeros(5, 4)
+        euler[:, 0] = 1
+        assert torch.equal(build_policy(config).weights(5).detach(), euler)  # zero actions and scales: Euler
+        trained = coefficients(train(config, [problem], progress=False).policy, config)
+        assert trained.row_sums == row_sums
+        results[row_sums] = (trained, held_out_rmse(trained, problem, 5))
+    sums = results["free"][0].tables[5].sum(dim=1)
+    assert not torch.allclose(sums, torch.ones(5, dtype=sums.dtype), atol=1e-3)  # the scales moved
+    assert results["free"][1] < 0.9 * results["one"][1]
 
 
 def test_cosine_learning_rate_decays_to_zero():

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..solver import save_coefficients
+from ..solver.coefficients import ROW_SUMS
 from ..solver.files import model_kind
 from .references import REFERENCE_METHODS
 from .testbeds import TESTBED_NAMES
@@ -104,6 +105,13 @@ def parser() -> argparse.ArgumentParser:
         help="given: train on the bed's (or --scheduler's) sigmas; learned (direct mode): learn the sigmas of each "
         "step count too and store them in the file, for the consistency_solver scheduler",
     )
+    method.add_argument(
+        "--row-sums",
+        choices=ROW_SUMS,
+        default="one",
+        help="one: every step's weights sum to 1 (the paper); free (table form): each step also learns a positive "
+        "step scale, which halves the 5-step error on the mixtures (not first-order consistent)",
+    )
 
     data = p.add_argument_group("references and reward")
     data.add_argument("--reward", choices=REWARD_NAMES, default="rmse")
@@ -151,6 +159,7 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
         schedule=args.schedule,
         form=args.form,
         lr_schedule=args.lr_schedule,
+        row_sums=args.row_sums,
     )
 
 

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ...solver import ConsistencyPolicy, PolicyCoefficients, active_action_mask, sample_consistency_solver
-from ...solver.coefficients import CoefficientSource, history_lengths
+from ...solver.coefficients import ROW_SUMS, CoefficientSource, history_lengths
 from ..metrics import consistency_rmse
 from ..testbeds import run_sigmas
 from . import distributed
@@ -68,6 +68,7 @@ class TrainConfig:
     schedule: str = "given"
     form: str = "policy"
     lr_schedule: str = "constant"  # or "cosine": decay to 0 over the run, so a late noisy step cannot undo it
+    row_sums: str = "one"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -78,6 +79,13 @@ class TrainConfig:
             raise ValueError(f"unknown lr schedule {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
         if self.form not in FORMS:
             raise ValueError(f"unknown form {self.form!r}; forms: {', '.join(FORMS)}")
+        if self.row_sums not in ROW_SUMS:
+            raise ValueError(f"unknown row sums {self.row_sums!r}; choose one of {', '.join(ROW_SUMS)}")
+        if self.row_sums == "free" and self.form != "table":
+            raise ValueError(
+                "free row sums are learned per step of a weight table (the paper's policy keeps rows summing to 1); "
+                "use --form table with --row-sums free"
+            )
         if self.form == "table" and self.mode != "direct":
             raise ValueError(
                 "a free weight table is trained by the direct mode's gradient (PPO samples the policy's actions); "
@@ -144,7 +152,7 @@ class TrainState:
 def build_policy(config: TrainConfig) -> ConsistencyPolicy | WeightTable:
     """What is trained: the paper's policy network, or free weight tables (``form``)."""
     if config.form == "table":
-        return WeightTable(config.steps, config.order)
+        return WeightTable(config.steps, config.order, free_row_sums=config.row_sums == "free")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         return ConsistencyPolicy(order=config.order, bins=config.bins, hidden=config.hidden)
