@@ -25,9 +25,11 @@ from consistency_solver.training.train.data import ReferenceSettings, bed_proble
 from consistency_solver.training.train.loop import (
     TrainConfig,
     build_policy,
+    clip_gradients,
     coefficients,
     held_out_rmse,
     learning_rate,
+    new_state,
     train,
 )
 from consistency_solver.training.train.ppo import (
@@ -282,6 +284,33 @@ def test_free_row_sums_start_at_one_and_learn_step_scales_that_beat_the_consiste
     sums = results["free"][0].tables[5].sum(dim=1)
     assert not torch.allclose(sums, torch.ones(5, dtype=sums.dtype), atol=1e-3)  # the scales moved
     assert results["free"][1] < 0.9 * results["one"][1]
+
+
+def test_a_tables_step_counts_are_clipped_apart_and_a_policy_as_a_whole(tmp_path):
+    settings = ReferenceSettings(train_count=4, held_out_count=4, cache_dir=str(tmp_path / "refs"))
+    problem = bed_problem("gmm-vector-eps", make_reward("rmse"), settings)
+    config = TrainConfig(mode="direct", form="table", row_sums="free", schedule="learned", steps=(4, 8), grad_clip=1.0)
+    state = new_state(config, [problem])
+    for parameter in state.policy.step_parameters(4):
+        parameter.grad = torch.full_like(parameter, 100.0)
+    small = [torch.full_like(p, 1e-3) for p in state.policy.step_parameters(8)]
+    for parameter, gradient in zip(state.policy.step_parameters(8), small, strict=True):
+        parameter.grad = gradient.clone()
+    for parameter in state.schedule.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    clip_gradients(state, config)
+    four = torch.cat([p.grad.flatten() for p in state.policy.step_parameters(4)])
+    assert float(four.norm()) == pytest.approx(0.5, rel=1e-4)  # its share of the norm: grad_clip / 2 step counts
+    for parameter, gradient in zip(state.policy.step_parameters(8), small, strict=True):
+        assert torch.equal(parameter.grad, gradient)  # untouched by the 4-step spike
+
+    policy_config = TrainConfig(mode="direct", steps=(4, 8), grad_clip=1.0)
+    policy_state = new_state(policy_config, [problem])
+    for parameter in policy_state.policy.parameters():
+        parameter.grad = torch.full_like(parameter, 100.0)
+    clip_gradients(policy_state, policy_config)
+    total = torch.cat([p.grad.flatten() for p in policy_state.policy.parameters()]).norm()
+    assert float(total) == pytest.approx(1.0, rel=1e-4)
 
 
 def test_cosine_learning_rate_decays_to_zero():

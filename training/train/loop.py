@@ -305,9 +305,23 @@ def direct_update(state: TrainState, problems: list[Problem], plans: list[GroupP
     distributed.all_reduce_gradients(state.policy)
     if state.schedule is not None:
         distributed.all_reduce_gradients(state.schedule)
-    torch.nn.utils.clip_grad_norm_(trainable_parameters(state), config.grad_clip)
+    clip_gradients(state, config)
     state.optimizer.step()
     return reward_sum / len(plans)
+
+
+def clip_gradients(state: TrainState, config: TrainConfig) -> None:
+    """Clip the direct mode's gradient to ``grad_clip``: as a whole for the shared policy network, per step count
+    for a table (each step count's share of the norm), whose step counts share no parameter. A joint clip lets a
+    batch with a few mode-boundary noises at one step count shrink every other step count's update; clipped per
+    step count, a 4-12 step table's 8-step row trains as well as a table trained for 8 steps alone."""
+    if not isinstance(state.policy, WeightTable):
+        torch.nn.utils.clip_grad_norm_(trainable_parameters(state), config.grad_clip)
+        return
+    for steps in config.steps:
+        schedule = [] if state.schedule is None else [state.schedule.logits[f"N{steps}"]]
+        parameters = [*state.policy.step_parameters(steps), *schedule]
+        torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip / len(config.steps))
 
 
 def evaluation_cost(plans: list[GroupPlan], config: TrainConfig) -> tuple[int, int]:

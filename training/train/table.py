@@ -34,6 +34,11 @@ class WeightTable(nn.Module):
             return table
         return table * self.log_scales[f"N{steps}"].exp().unsqueeze(1)
 
+    def step_parameters(self, steps: int) -> list[nn.Parameter]:
+        """The parameters of one step count's table."""
+        scales = [] if self.log_scales is None else [self.log_scales[f"N{steps}"]]
+        return [self.actions[f"N{steps}"], *scales]
+
     def export(self, schedule: StepSchedule | None = None) -> TableCoefficients:
         tables = {int(name[1:]): self.weights(int(name[1:])).detach().double() for name in self.actions}
         row_sums = "one" if self.log_scales is None else "free"
