@@ -57,6 +57,21 @@ def test_quick_benchmark_writes_tables_plots_and_numbers(tmp_path, capsys):
         assert (out / f"{bed}.png").stat().st_size > 10_000
 
 
+def test_steps_to_match_says_how_far_a_row_could_go():
+    references = torch.zeros(4, 2)
+    close = torch.full((4, 2), 0.1)
+    dpm = benchmark.Row(benchmark.dpmpp_2m_sampler()[1], lambda steps: close)
+    # A table trained for 2-6 steps, never within dpmpp_2m's RMSE; a policy that matches it at 9 steps.
+    table = benchmark.Row("ConsistencySolver (table)", lambda steps: close * 2 if steps <= 6 else None)
+    policy = benchmark.Row("ConsistencySolver (policy)", lambda steps: close if steps >= 9 else close * 3)
+    result = benchmark.BedResult("bed", ("a", "b"))
+    benchmark.steps_to_match([dpm], [table, policy], references, {}, result)
+    assert result.steps_to_match["ConsistencySolver (policy)"] == {10: 9, 20: 9}
+    markdown = benchmark.bed_table(result, ())
+    assert "| ConsistencySolver (table) | > 6 | > 6 |" in markdown
+    assert "| ConsistencySolver (policy) | 9 | 9 |" in markdown
+
+
 def test_stock_rows_are_marked_absent_without_comfyui(tmp_path, monkeypatch):
     monkeypatch.setattr(comfy_backend, "comfy_unavailable_reason", lambda: "ComfyUI not importable: test")
     out = tmp_path / "out"

@@ -325,6 +325,9 @@ def steps_to_match(rows: list[Row], solver_rows: list[Row], references: Tensor, 
                     found[target] = steps
                     notes[target] = row.note(steps)
                     break
+            if found[target] is None:  # a table stops at its largest step count, a policy goes on to the limit
+                runnable = [steps for steps in range(2, MAX_MATCH_STEPS + 1) if cache[row.label, steps] is not None]
+                notes[target] = f"> {max(runnable)}" if runnable else "no cells"
         result.steps_to_match[row.label], result.match_notes[row.label] = found, notes
 
 
@@ -417,7 +420,7 @@ def bed_table(result: BedResult, step_counts: tuple[int, ...]) -> str:
         lines += ["|---|" + "---|" * len(MATCH_TARGETS)]
         for label, found in result.steps_to_match.items():
             notes = result.match_notes[label]
-            cells = [f"{found[t]}{notes[t]}" if found[t] is not None else f"> {MAX_MATCH_STEPS}" for t in MATCH_TARGETS]
+            cells = [f"{found[t]}{notes[t]}" if found[t] is not None else notes[t] for t in MATCH_TARGETS]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append(f"\n({result.seconds:.0f} s)\n")
     return "\n".join(lines)
