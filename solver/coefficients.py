@@ -39,6 +39,16 @@ class CoefficientSource(Protocol):
     def weights(self, sigmas: torch.Tensor, sigma_to_timestep: SigmaToTimestep | None = None) -> torch.Tensor: ...
 
 
+def row_sums_problem(table: torch.Tensor, row_sums: str) -> str | None:
+    """What is wrong with the row sums of a [steps, order] table under ``row_sums`` (see ROW_SUMS), or None."""
+    sums = table.sum(dim=1)
+    if row_sums == "one" and not torch.allclose(sums, torch.ones_like(sums), atol=1e-5):
+        return f"do not sum to 1 (first-order consistency): {sums.tolist()}"
+    if not (sums > 0).all():
+        return f"must sum to positive step scales: {sums.tolist()}"
+    return None
+
+
 def history_lengths(steps: int, order: int) -> torch.Tensor:
     """How many derivatives each step can combine: min(i + 1, order)."""
     return torch.arange(1, steps + 1).clamp(max=order)

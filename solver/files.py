@@ -38,7 +38,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .coefficients import ROW_SUMS, TableCoefficients
+from .coefficients import ROW_SUMS, TableCoefficients, row_sums_problem
 from .policy import INFERENCE_MODES, ConsistencyPolicy, PolicyCoefficients
 from .schedules import StepSchedule, validate_positions
 from .time_features import TIME_FEATURE_KINDS
@@ -223,11 +223,9 @@ def _table_from_file(path, tensors, metadata, order, trained_steps, fail, schedu
         table = tensors[f"weights.N{n}"].to(torch.float64)
         if table.shape != (n, order):
             fail(f"weights.N{n} has shape {tuple(table.shape)}, expected {(n, order)}")
-        sums = table.sum(dim=1)
-        if row_sums == "one" and not torch.allclose(sums, torch.ones(n, dtype=torch.float64), atol=1e-5):
-            fail(f"rows of weights.N{n} do not sum to 1: {sums.tolist()}")
-        if not (sums > 0).all():
-            fail(f"rows of weights.N{n} must sum to positive step scales: {sums.tolist()}")
+        problem = row_sums_problem(table, row_sums)
+        if problem:
+            fail(f"rows of weights.N{n} {problem}")
         tables[n] = table
     return TableCoefficients(tables=tables, order=order, metadata=metadata, schedule=schedule, row_sums=row_sums)
 

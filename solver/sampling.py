@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from tqdm.auto import trange
 
-from .coefficients import CoefficientSource
+from .coefficients import CoefficientSource, row_sums_problem
 
 
 def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
@@ -27,11 +27,9 @@ def coefficient_table(
         raise ValueError(f"coefficient table has shape {tuple(table.shape)}, expected {(steps, coefficients.order)}")
     if not torch.isfinite(table).all():
         raise ValueError("coefficient table contains NaN or infinite weights")
-    sums = table.sum(dim=1)
-    if coefficients.row_sums == "one" and not torch.allclose(sums, torch.ones_like(sums), atol=1e-5):
-        raise ValueError(f"coefficient rows must sum to 1 (first-order consistency), got {sums.tolist()}")
-    if not (sums > 0).all():
-        raise ValueError(f"coefficient rows must sum to positive step scales, got {sums.tolist()}")
+    problem = row_sums_problem(table, coefficients.row_sums)
+    if problem:
+        raise ValueError(f"coefficient rows {problem}")
     return table
 
 
