@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from fixtures.comfyui import missing_comfyui
 
 from consistency_solver.solver.schedules import exponential_sigmas
 from consistency_solver.training.baselines import BASELINE_SAMPLERS, baseline_sampler, sample_dpmpp_2m
@@ -14,9 +15,15 @@ from consistency_solver.training.comfy_backend import (
 from consistency_solver.training.references import held_out_seeds, seeded_batch
 from consistency_solver.training.testbeds import get_testbed
 
-needs_comfy = pytest.mark.skipif(
-    comfy_unavailable_reason() is not None, reason=f"{comfy_unavailable_reason()} (set COMFYUI_PATH)"
-)
+
+@pytest.fixture
+def comfyui() -> None:
+    reason = comfy_unavailable_reason()
+    if reason is not None:
+        missing_comfyui(reason)
+
+
+needs_comfy = pytest.mark.usefixtures("comfyui")
 
 torch.set_num_threads(1)  # the cores are shared; one thread is faster than two contended ones
 
