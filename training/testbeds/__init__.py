@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .base import TestBed, run_sigmas
 from .gmm import GMM_BEDS, GMMTestBed, gmm_testbed
 
 FASHION_BED = "fashion-eps-cfg"
 TESTBED_NAMES = (*GMM_BEDS, FASHION_BED)
+# The coefficient files trained on each bed: read by the benchmark and tests, kept out of solver/bundled/ so that
+# ComfyUI's coefficient lists offer artists only the defaults.
+COEFFICIENTS_DIR = Path(__file__).resolve().parent / "coefficients"
 
 
 def get_testbed(name: str) -> TestBed:
@@ -21,4 +26,13 @@ def get_testbed(name: str) -> TestBed:
     raise ValueError(f"unknown test bed {name!r}; known: {', '.join(TESTBED_NAMES)}")
 
 
-__all__ = ["FASHION_BED", "TESTBED_NAMES", "GMMTestBed", "TestBed", "get_testbed", "gmm_testbed", "run_sigmas"]
+__all__ = [
+    "COEFFICIENTS_DIR",
+    "FASHION_BED",
+    "TESTBED_NAMES",
+    "GMMTestBed",
+    "TestBed",
+    "get_testbed",
+    "gmm_testbed",
+    "run_sigmas",
+]

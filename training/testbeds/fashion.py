@@ -1,6 +1,7 @@
 """Fashion-MNIST test bed: a small class-conditional EDM UNet and a feature classifier, trained once and shipped.
 
-The UNet is trained by ``training/train_fashion.py`` and its EMA weights ship in ``training/weights/``.
+The UNet is trained by ``training/testbeds/train_networks.py`` and its EMA weights ship in
+``training/testbeds/weights/``.
 Its denoiser follows ComfyUI's EPS convention (x = x0 + sigma * eps, ``denoise`` returns x0), so every
 sampler of the pack runs on it unchanged. The classifier gives the label-agreement and Frechet metrics.
 """
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 from .base import TestBed
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 UNET_WEIGHTS = WEIGHTS_DIR / "fashion_unet.safetensors"
 CLASSIFIER_WEIGHTS = WEIGHTS_DIR / "fashion_classifier.safetensors"
 CLASS_NAMES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -214,7 +215,7 @@ def _load_weights(module: nn.Module, path: Path) -> nn.Module:
     if not path.exists():
         raise FileNotFoundError(
             f"{path} is missing: it ships with the package; retrain it with "
-            "python -m consistency_solver.training.train_fashion (see README)"
+            "python -m consistency_solver.training.testbeds.train_networks (see README)"
         )
     state = {name: t.float() if t.is_floating_point() else t for name, t in load_file(str(path)).items()}
     module.load_state_dict(state)

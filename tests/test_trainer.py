@@ -19,10 +19,10 @@ from consistency_solver.solver import (
     save_coefficients,
 )
 from consistency_solver.solver.coefficients import history_lengths
-from consistency_solver.training.__main__ import main
 from consistency_solver.training.testbeds import get_testbed
-from consistency_solver.training.train.data import ReferenceSettings, bed_problem
-from consistency_solver.training.train.loop import (
+from consistency_solver.training.trainer.cli import main
+from consistency_solver.training.trainer.data import ReferenceSettings, bed_problem
+from consistency_solver.training.trainer.loop import (
     TrainConfig,
     build_policy,
     clip_gradients,
@@ -32,15 +32,15 @@ from consistency_solver.training.train.loop import (
     new_state,
     train,
 )
-from consistency_solver.training.train.ppo import (
+from consistency_solver.training.trainer.ppo import (
     PPOSettings,
     clipped_loss,
     group_advantages,
     log_probs_and_entropy,
 )
-from consistency_solver.training.train.rewards import make_reward
-from consistency_solver.training.train.rollout import indices_to_weights, sample_action_indices, unroll
-from consistency_solver.training.train.schedule import LearnedSchedule
+from consistency_solver.training.trainer.rewards import make_reward
+from consistency_solver.training.trainer.rollout import indices_to_weights, sample_action_indices, unroll
+from consistency_solver.training.trainer.schedule import LearnedSchedule
 
 BED = "gmm-vector-eps"
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ...solver import ConsistencyPolicy, PolicyCoefficients, active_action_mask, sample_consistency_solver
 from ...solver.coefficients import ROW_SUMS, CoefficientSource, history_lengths
-from ..metrics import consistency_rmse
+from ..evaluation.metrics import consistency_rmse
 from ..testbeds import run_sigmas
 from . import distributed
 from .direct import direct_loss

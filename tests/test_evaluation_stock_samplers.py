@@ -5,14 +5,16 @@ import torch
 from fixtures.comfyui import missing_comfyui
 
 from consistency_solver.solver.schedules import exponential_sigmas
-from consistency_solver.training.baselines import BASELINE_SAMPLERS, baseline_sampler, sample_dpmpp_2m
-from consistency_solver.training.comfy_backend import (
+from consistency_solver.training.evaluation.references import held_out_seeds, seeded_batch
+from consistency_solver.training.evaluation.stock_samplers import (
+    BASELINE_SAMPLERS,
     STOCK_SAMPLERS,
+    baseline_sampler,
     comfy_unavailable_reason,
+    sample_dpmpp_2m,
     stock_sampler,
     stock_sampler_sigmas,
 )
-from consistency_solver.training.references import held_out_seeds, seeded_batch
 from consistency_solver.training.testbeds import get_testbed
 
 

@@ -14,7 +14,7 @@ from consistency_solver.solver import (
     sample_consistency_solver,
     save_coefficients,
 )
-from consistency_solver.training import benchmark, comfy_backend
+from consistency_solver.training.evaluation import benchmark, stock_samplers
 from consistency_solver.training.testbeds import get_testbed
 
 torch.set_num_threads(1)  # the cores are shared; one thread is faster than two contended ones
@@ -73,11 +73,11 @@ def test_steps_to_match_says_how_far_a_row_could_go():
 
 
 def test_stock_rows_are_marked_absent_without_comfyui(tmp_path, monkeypatch):
-    monkeypatch.setattr(comfy_backend, "comfy_unavailable_reason", lambda: "ComfyUI not importable: test")
+    monkeypatch.setattr(stock_samplers, "comfy_unavailable_reason", lambda: "ComfyUI not importable: test")
     out = tmp_path / "out"
     benchmark.main(["--quick", "--beds", "gmm-vector-eps-cfg", "--out", str(out)])
     results = json.loads((out / "results.json").read_text())["gmm-vector-eps-cfg"]
-    assert set(results["absent"]) == {f"ComfyUI {name}" for name in comfy_backend.STOCK_SAMPLERS}
+    assert set(results["absent"]) == {f"ComfyUI {name}" for name in stock_samplers.STOCK_SAMPLERS}
     assert "dpmpp_2m (project reimplementation)" in results["rows"]
     assert "absent (ComfyUI not importable: test)" in (out / "benchmark.md").read_text()
 

@@ -11,9 +11,8 @@ from typing import Any
 import torch
 
 from ...solver import PRESET_NAMES, Preset
-from ..baselines import BASELINE_LABEL, baseline_sampler
-from ..comfy_backend import comfy_unavailable_reason, stock_sampler
-from ..metrics import consistency_rmse
+from ..evaluation.metrics import consistency_rmse
+from ..evaluation.stock_samplers import BASELINE_LABEL, baseline_sampler, comfy_unavailable_reason, stock_sampler
 from .loop import Problem, TrainConfig, TrainState, build_policy, coefficients, held_out_rmse
 
 STOCK_REFERENCE = "dpmpp_2m"

@@ -26,8 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..solver import Preset, sample_consistency_solver
-from .testbeds.base import TestBed
+from ...solver import Preset, sample_consistency_solver
+from ..testbeds.base import TestBed
 
 TRAINING_SEED_LIMIT = 10_000  # training noises use seeds 0 .. 9_999
 HELD_OUT_SEED_START = 10_000  # evaluation noises use seeds 10_000 and up, never seen in training

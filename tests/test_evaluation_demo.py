@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from consistency_solver.solver import Preset, TableCoefficients, save_coefficients
-from consistency_solver.training import demo
+from consistency_solver.training.evaluation import demo
 from consistency_solver.training.testbeds import get_testbed
 
 torch.set_num_threads(1)  # the cores are shared; one thread is faster than two contended ones
@@ -24,7 +24,7 @@ def test_missing_default_file_names_the_command_that_makes_it(tmp_path, monkeypa
 
 
 @pytest.mark.skipif(
-    not fashion_weights_present(), reason="the shipped Fashion-MNIST weights are not in training/weights/"
+    not fashion_weights_present(), reason="the shipped Fashion-MNIST weights are not in training/testbeds/weights/"
 )
 def test_demo_writes_a_labelled_grid(tmp_path, capsys):
     coefficients = tmp_path / "ab2-6.safetensors"
@@ -42,7 +42,7 @@ def test_demo_writes_a_labelled_grid(tmp_path, capsys):
 
 
 def test_preview_loop_counts_calls_false_accepts_and_rejects():
-    from consistency_solver.training.preview_loop import FINAL_STEPS, simulate
+    from consistency_solver.training.evaluation.preview_loop import FINAL_STEPS, simulate
 
     previews = torch.tensor([True, False, True, False])
     finals = torch.tensor([False, True, True, False])

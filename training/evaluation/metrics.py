@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .testbeds.gmm import GMMTestBed
+from ..testbeds.gmm import GMMTestBed
 
 SSIM_MIN_SIZE = 28
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from consistency_solver.training.references import (
+from consistency_solver.training.evaluation.references import (
     HELD_OUT_SEED_START,
     TRAINING_SEED_LIMIT,
     held_out_seeds,

@@ -1,13 +1,15 @@
 """Preview-consistency benchmark: every sampler a user could preview with, against the 40-step final.
 
-    python -m consistency_solver.training.benchmark [--quick] [--beds NAME ...] [--out DIR] [--coefficients PATH ...]
+    python -m consistency_solver.training.evaluation.benchmark [--quick] [--beds NAME ...] [--out DIR]
+        [--coefficients PATH ...]
 
 For each test bed and held-out noise (seeds from ``references.HELD_OUT_SEED_START``), every row samples
 at 4, 5, 6, 8, 10 and 12 steps and each cell shows the consistency RMSE to the reference final (40-step
 "multistep" reference from the same noise and label) and a quality number (GMM beds: sliced W2 to true
 samples; Fashion: the classifier's agreement with the label). Rows:
 
-- ConsistencySolver with every coefficient file of ``solver/bundled/`` whose model family fits the bed,
+- ConsistencySolver with the bundled defaults (``solver/bundled/``) and every test-bed coefficient file
+  (``training/testbeds/coefficients/``) whose model family fits the bed,
   plus ``--coefficients`` files; cells at step counts a policy was not trained for carry ``*``;
 - the solver's presets (euler, ab2, ab3, ab4, ipndm);
 - ComfyUI's own stock samplers, or "absent" rows when ComfyUI is not importable (then the project's
@@ -34,14 +36,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..solver import PRESET_NAMES, Preset, TableCoefficients, load_coefficients, model_kind, sample_consistency_solver
-from ..solver.defaults import BUNDLED_DIR
-from ..solver.schedules import DiscreteSchedule
-from . import comfy_backend
-from .baselines import BASELINE_LABEL, sample_dpmpp_2m
+from ...solver import PRESET_NAMES, Preset, TableCoefficients, load_coefficients, model_kind, sample_consistency_solver
+from ...solver.defaults import BUNDLED_DIR
+from ...solver.schedules import DiscreteSchedule
+from ..testbeds import COEFFICIENTS_DIR, FASHION_BED, TESTBED_NAMES, GMMTestBed, TestBed, get_testbed, run_sigmas
+from . import stock_samplers
 from .metrics import consistency_rmse, frechet_distance, label_agreement, mode_tv, rmse_per_sample, sliced_wasserstein
 from .references import held_out_seeds, reference_finals, seeded_batch
-from .testbeds import FASHION_BED, TESTBED_NAMES, GMMTestBed, TestBed, get_testbed, run_sigmas
+from .stock_samplers import BASELINE_LABEL, sample_dpmpp_2m
 
 CACHE_DIR = Path(".cache") / "references"
 STEP_COUNTS = (4, 5, 6, 8, 10, 12)
@@ -107,7 +109,7 @@ class Quality:
                 bed.sample_data(labels, count, torch.Generator().manual_seed(2))
             )
             return
-        from .testbeds.fashion import load_classifier, load_fashion_mnist
+        from ..testbeds.fashion import load_classifier, load_fashion_mnist
 
         self.names = ("label agreement", "FD_clf to test images")
         self.classifier = load_classifier()
@@ -150,7 +152,8 @@ def matched_real_images(images: Tensor, image_labels: Tensor, labels: Tensor, pe
 
 
 def coefficient_files(extra: list[Path]) -> list[Path]:
-    return sorted(BUNDLED_DIR.glob("*.safetensors")) + list(extra)
+    shipped = [*BUNDLED_DIR.glob("*.safetensors"), *COEFFICIENTS_DIR.glob("*.safetensors")]
+    return sorted(shipped, key=lambda path: path.name) + list(extra)
 
 
 def consistency_rows(bed: TestBed, model: Sampler, noise: Tensor, files: list[Path]) -> list[Row]:
@@ -210,25 +213,25 @@ def preset_rows(bed: TestBed, model: Sampler, noise: Tensor) -> list[Row]:
 
 def dpmpp_2m_sampler() -> tuple[Sampler, str]:
     """ComfyUI's dpmpp_2m when importable, else the project's reimplementation, with a label saying which."""
-    if comfy_backend.comfy_unavailable_reason() is None:
-        return comfy_backend.stock_sampler("dpmpp_2m"), "ComfyUI dpmpp_2m"
+    if stock_samplers.comfy_unavailable_reason() is None:
+        return stock_samplers.stock_sampler("dpmpp_2m"), "ComfyUI dpmpp_2m"
     return sample_dpmpp_2m, f"dpmpp_2m ({BASELINE_LABEL})"
 
 
 def stock_rows(bed: TestBed, model: Sampler, noise: Tensor) -> list[Row]:
-    reason = comfy_backend.comfy_unavailable_reason()
+    reason = stock_samplers.comfy_unavailable_reason()
     if reason is not None:
-        rows = [Row(f"ComfyUI {name}", None, absent=reason) for name in comfy_backend.STOCK_SAMPLERS]
+        rows = [Row(f"ComfyUI {name}", None, absent=reason) for name in stock_samplers.STOCK_SAMPLERS]
         sampler, label = dpmpp_2m_sampler()
         return [*rows, plain_row(label, sampler, bed, model, noise, bed.sigmas)]
 
     def row(name: str) -> Row:
         def schedule(steps: int) -> Tensor:
-            return comfy_backend.stock_sampler_sigmas(name, bed.sigmas, steps)
+            return stock_samplers.stock_sampler_sigmas(name, bed.sigmas, steps)
 
-        return plain_row(f"ComfyUI {name}", comfy_backend.stock_sampler(name), bed, model, noise, schedule)
+        return plain_row(f"ComfyUI {name}", stock_samplers.stock_sampler(name), bed, model, noise, schedule)
 
-    return [row(name) for name in comfy_backend.STOCK_SAMPLERS]
+    return [row(name) for name in stock_samplers.STOCK_SAMPLERS]
 
 
 def plain_row(
@@ -471,7 +474,8 @@ def main(argv: list[str] | None = None) -> None:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    command = "python -m consistency_solver.training.benchmark " + " ".join(sys.argv[1:] if argv is None else argv)
+    arguments = sys.argv[1:] if argv is None else argv
+    command = "python -m consistency_solver.training.evaluation.benchmark " + " ".join(arguments)
     sections = [f"## Benchmark\n\n`{command.strip()}`\n", f"Coefficient files: {[str(p) for p in files] or 'none'}\n"]
     results = {}
     for name in beds:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from consistency_solver.training.metrics import (
+from consistency_solver.training.evaluation.metrics import (
     consistency_rmse,
     frechet_distance,
     gmm_quality,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from consistency_solver.training.references import held_out_seeds, reference_finals, seeded_batch
+from consistency_solver.training.evaluation.references import held_out_seeds, reference_finals, seeded_batch
 from consistency_solver.training.testbeds import get_testbed
 from consistency_solver.training.testbeds.fashion import (
     DATA_DIR,
@@ -18,7 +18,7 @@ from consistency_solver.training.testbeds.fashion import (
     load_fashion_mnist,
     load_unet,
 )
-from consistency_solver.training.train_fashion import main as train_fashion_main
+from consistency_solver.training.testbeds.train_networks import main as train_networks_main
 
 needs_data = pytest.mark.skipif(
     not (DATA_DIR / "t10k-images-idx3-ubyte.gz").exists(),
@@ -136,7 +136,7 @@ def test_twenty_step_samples_show_their_class(bed, classifier):
 @needs_data
 def test_training_cli_writes_loadable_fp16_weights_with_metadata(tmp_path):
     out = tmp_path / "unet.safetensors"
-    train_fashion_main(["unet", "--seed", "3", "--steps", "2", "--batch-size", "8", "--out", str(out)])
+    train_networks_main(["unet", "--seed", "3", "--steps", "2", "--batch-size", "8", "--out", str(out)])
     with safe_open(str(out), "pt") as f:
         metadata = f.metadata()
         assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys())

@@ -1,110 +1,26 @@
-"""ComfyUI's own code, imported in-process for benchmarks and tests (never vendored).
+"""The ComfyUI model the trainer trains on: a checkpoint's guided denoiser behind the test-bed interface.
 
-Stock-sampler part: ``import_comfy`` makes ``comfy`` importable on a CPU-only machine and
-``stock_sampler`` returns ComfyUI's sampler functions, which take the same ``model(x, sigma)`` callable
-as this project's samplers. None of the eight samplers used here looks up
-``model.inner_model.model_patcher`` or ``model_sampling`` (checked in ComfyUI 0.3.64's
-``comfy/k_diffusion/sampling.py`` and ``comfy/extra_samplers/uni_pc.py``), so a test bed's
-``model(labels)`` is passed to them directly, with no wrapper objects.
+The trainer needs ``model(labels)(x, sigma) -> denoised`` for any state it rolls out, with
+gradients for the direct mode. ComfyUI hands out its guided denoiser only inside a sampler run, so
+every call runs ComfyUI's own CFGGuider.sample with a one-evaluation sampler that evaluates the
+trainer's state and returns. Conds, CFG, model patches and model loading are all ComfyUI's.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import sys
 from collections.abc import Callable
-from functools import cache
 from pathlib import Path
-from types import ModuleType
 
 import torch
 from torch import Tensor
 
-STOCK_SAMPLERS = ("euler", "dpmpp_2m", "ipndm", "ipndm_v", "deis", "uni_pc", "uni_pc_bh2", "res_multistep")
-
-
-def comfyui_path() -> Path:
-    return Path(os.environ.get("COMFYUI_PATH", "/opt/ComfyUI"))
-
-
-def import_comfy() -> ModuleType:
-    """Return ``comfy.k_diffusion.sampling``, importing ComfyUI from ``COMFYUI_PATH`` (default /opt/ComfyUI).
-
-    Without CUDA, ``comfy.cli_args.args.cpu`` is set before anything imports ``comfy.model_management``,
-    which otherwise fails at import on CPU-only torch. Raises ImportError naming the fix when ComfyUI is absent.
-    """
-    if "comfy.k_diffusion.sampling" in sys.modules:
-        return sys.modules["comfy.k_diffusion.sampling"]
-    root = comfyui_path()
-    if "comfy" not in sys.modules:
-        if not (root / "comfy" / "k_diffusion" / "sampling.py").is_file():
-            raise ImportError(f"ComfyUI not found at {root}: set COMFYUI_PATH to a ComfyUI checkout (0.3.64 or later)")
-        # Appended, not prepended: ComfyUI's top-level names (tests, utils, app) must not shadow ours.
-        if str(root) not in sys.path:
-            sys.path.append(str(root))
-    if "comfy.model_management" not in sys.modules and not torch.cuda.is_available():
-        from comfy.cli_args import args
-
-        args.cpu = True
-    import comfy.k_diffusion.sampling
-
-    return comfy.k_diffusion.sampling
-
-
-@cache
-def comfy_unavailable_reason() -> str | None:
-    """None when ComfyUI's samplers import, else why not (for "absent" rows and test skips)."""
-    try:
-        import_comfy()
-        import comfy.samplers  # noqa: F401  (stock_sampler_sigmas reads KSampler's settings)
-    except Exception as error:  # any import-time failure means the same thing: no ComfyUI rows
-        return f"ComfyUI not importable: {error}"
-    return None
-
-
-def stock_sampler(name: str) -> Callable[..., Tensor]:
-    """ComfyUI's sampler function ``name`` (one of ``STOCK_SAMPLERS``), with the k-diffusion sampler contract."""
-    if name not in STOCK_SAMPLERS:
-        raise ValueError(f"unknown stock sampler {name!r}; available: {', '.join(STOCK_SAMPLERS)}")
-    sampling = import_comfy()
-    if name in ("uni_pc", "uni_pc_bh2"):
-        from comfy.extra_samplers import uni_pc
-
-        function = uni_pc.sample_unipc if name == "uni_pc" else uni_pc.sample_unipc_bh2
-    else:
-        function = getattr(sampling, f"sample_{name}")
-
-    def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None):
-        # ComfyUI's KSAMPLER always passes a dict; sample_unipc fails on None.
-        return function(model, x, sigmas, {} if extra_args is None else extra_args, callback, disable)
-
-    return sampler
-
-
-def stock_sampler_sigmas(name: str, schedule: Callable[[int], Tensor], steps: int) -> Tensor:
-    """The sigmas ComfyUI's KSampler gives sampler ``name`` for ``steps`` steps of ``schedule``.
-
-    KSampler computes ``steps + 1`` steps and drops the penultimate sigma for the samplers in
-    ``KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS`` (uni_pc, uni_pc_bh2, dpm_2...), so they still take
-    ``steps`` model calls but end from a lower last sigma. UniPC then stops at sigma = 0.001 instead of 0
-    (inside ``sample_unipc``); both are what a ComfyUI user gets and are kept.
-    """
-    import_comfy()
-    import comfy.samplers
-
-    if name in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS:
-        sigmas = schedule(steps + 1)
-        return torch.cat([sigmas[:-2], sigmas[-1:]])
-    return schedule(steps)
-
-
-# --- Trainer part: a ComfyUI model behind the test-bed interface ------------------------------------
-#
-# The trainer needs ``model(labels)(x, sigma) -> denoised`` for any state it rolls out, with
-# gradients for the direct mode. ComfyUI hands out its guided denoiser only inside a sampler run, so
-# every call runs ComfyUI's own CFGGuider.sample with a one-evaluation sampler that evaluates the
-# trainer's state and returns. Conds, CFG, model patches and model loading are all ComfyUI's.
+from ..evaluation.references import held_out_seeds, training_seeds
+from ..evaluation.stock_samplers import import_comfy
+from .data import reference_set
+from .loop import Problem
+from .rewards import make_reward
 
 
 class ComfyModel:
@@ -258,11 +174,6 @@ def encode_prompt(clip, text: str) -> list:
 
 def comfy_problem(args, settings):
     """The trainer's Problem for a real checkpoint (``python -m consistency_solver.training --comfy-checkpoint``)."""
-    from .references import held_out_seeds, training_seeds
-    from .train.data import reference_set
-    from .train.loop import Problem
-    from .train.rewards import make_reward
-
     if not args.prompts:
         raise SystemExit("--comfy-checkpoint needs --prompts (a text file with one prompt per line)")
     prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]

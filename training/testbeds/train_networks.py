@@ -1,15 +1,16 @@
 r"""Train the Fashion-MNIST test bed's UNet or classifier from a seed and save fp16 EMA weights; evaluate them.
 
-    python -m consistency_solver.training.train_fashion unet --seed 0 --minutes 72 \
-        --out training/weights/fashion_unet.safetensors
-    python -m consistency_solver.training.train_fashion classifier --seed 0 \
-        --out training/weights/fashion_classifier.safetensors
+    python -m consistency_solver.training.testbeds.train_networks unet --seed 0 --minutes 72 \
+        --out training/testbeds/weights/fashion_unet.safetensors
+    python -m consistency_solver.training.testbeds.train_networks classifier --seed 0 \
+        --out training/testbeds/weights/fashion_classifier.safetensors
 
 A run stops at ``--steps`` or after ``--minutes``, whichever comes first, and rewrites ``--out`` every
 ``--checkpoint-minutes`` so an interrupted run still leaves usable weights. The metadata records the
 steps taken; rerunning with ``--steps`` set to that number repeats the run.
 
-    python -m consistency_solver.training.train_fashion evaluate --samples 500 --grid outputs/fashion_samples.png
+    python -m consistency_solver.training.testbeds.train_networks evaluate --samples 500 \
+        --grid outputs/fashion_samples.png
 
 samples held-out seeds with the shared multistep reference (100 steps) and reports the classifier's label
 accuracy on them and the Frechet distance in its features to the real test set, beside the real-vs-real floor.
@@ -31,9 +32,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .metrics import frechet_distance, label_agreement
-from .references import held_out_seeds, reference_finals, seeded_batch
-from .testbeds.fashion import (
+from ..evaluation.metrics import frechet_distance, label_agreement
+from ..evaluation.references import held_out_seeds, reference_finals, seeded_batch
+from .fashion import (
     CLASSIFIER_WEIGHTS,
     SIGMA_DATA,
     UNET_WEIGHTS,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..metrics import psnr, rmse_per_sample, ssim
+from ..evaluation.metrics import psnr, rmse_per_sample, ssim
 
 Reward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 REWARD_NAMES = ("rmse", "psnr", "image-psnr", "image-ssim", "feature")

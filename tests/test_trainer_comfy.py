@@ -13,12 +13,12 @@ import comfy.samplers  # noqa: E402
 from fixtures import tiny_models  # noqa: E402
 
 from consistency_solver.solver import Preset, sample_consistency_solver  # noqa: E402
-from consistency_solver.training.comfy_backend import ComfyModel  # noqa: E402
-from consistency_solver.training.train.data import ReferenceSettings, reference_set  # noqa: E402
-from consistency_solver.training.train.loop import Problem, TrainConfig, coefficients, held_out_rmse, train  # noqa: E402
-from consistency_solver.training.train.ppo import PPOSettings  # noqa: E402
-from consistency_solver.training.train.rewards import make_reward  # noqa: E402
-from consistency_solver.training.train.schedule import LearnedSchedule  # noqa: E402
+from consistency_solver.training.trainer.comfy_model import ComfyModel  # noqa: E402
+from consistency_solver.training.trainer.data import ReferenceSettings, reference_set  # noqa: E402
+from consistency_solver.training.trainer.loop import Problem, TrainConfig, coefficients, held_out_rmse, train  # noqa: E402
+from consistency_solver.training.trainer.ppo import PPOSettings  # noqa: E402
+from consistency_solver.training.trainer.rewards import make_reward  # noqa: E402
+from consistency_solver.training.trainer.schedule import LearnedSchedule  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

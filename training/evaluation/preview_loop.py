@@ -1,6 +1,7 @@
 """The paper's user study, simulated: how many model calls does an artist spend per good image?
 
-    python -m consistency_solver.training.preview_loop [--coefficients PATH] [--thresholds 0.9 0.99] [--seeds 16]
+    python -m consistency_solver.training.evaluation.preview_loop [--coefficients PATH] [--thresholds 0.9 0.99]
+        [--seeds 16]
 
 The artist wants an image of class c that the shipped Fashion-MNIST classifier (standing in for the
 artist's judgement) assigns to c with probability >= ``threshold``. Going through seeds in order, with
@@ -28,12 +29,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..solver import load_coefficients, sample_consistency_solver
-from ..solver.schedules import DiscreteSchedule
-from .baselines import sample_dpmpp_2m
+from ...solver import load_coefficients, sample_consistency_solver
+from ...solver.schedules import DiscreteSchedule
+from ..testbeds import FASHION_BED, get_testbed, run_sigmas
 from .demo import resolve_coefficients
 from .references import held_out_seeds, multistep_run, seeded_batch
-from .testbeds import FASHION_BED, get_testbed, run_sigmas
+from .stock_samplers import sample_dpmpp_2m
 
 FINAL_STEPS = 40
 METHODS = ("ConsistencySolver", "dpmpp_2m", "live preview", "no preview")
@@ -85,7 +86,7 @@ def run(
     coefficients_path: Path | None, classes: list[int], seeds: int, thresholds: list[float], preview_steps: int
 ) -> dict[float, dict[str, Outcome]]:
     """Sample every preview and final once, then simulate the loop for each threshold."""
-    from .testbeds.fashion import load_classifier
+    from ..testbeds.fashion import load_classifier
 
     coefficients = load_coefficients(resolve_coefficients(coefficients_path))
     bed, classifier = get_testbed(FASHION_BED), load_classifier()

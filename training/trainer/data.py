@@ -1,4 +1,4 @@
-"""Training and held-out reference sets for the built-in test beds (the one generator: training/references.py)."""
+"""Training and held-out reference sets for the built-in test beds (the one generator: training/evaluation/references.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..references import held_out_seeds, reference_finals, seeded_batch, training_seeds
+from ..evaluation.references import held_out_seeds, reference_finals, seeded_batch, training_seeds
 from ..testbeds import get_testbed
 from ..testbeds.base import TestBed
 from .loop import Problem, ReferenceSet

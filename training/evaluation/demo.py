@@ -1,6 +1,7 @@
 """The preview-and-refine loop on the shipped Fashion-MNIST model, in under a minute on a CPU.
 
-    python -m consistency_solver.training.demo [--coefficients PATH] [--classes 0 3 7 9] [--seeds 2] [--out FILE]
+    python -m consistency_solver.training.evaluation.demo [--coefficients PATH] [--classes 0 3 7 9] [--seeds 2]
+        [--out FILE]
 
 For each class and seed: a 6-step ConsistencySolver preview (the bundled default coefficient file for eps
 models unless ``--coefficients`` names another), a 6-step dpmpp_2m preview, and the 40-step refined final
@@ -20,13 +21,13 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..solver import load_coefficients, sample_consistency_solver
-from ..solver.defaults import BUNDLED_DIR, DEFAULT_FILE_COMMANDS, default_file_name
-from ..solver.schedules import DiscreteSchedule
-from .baselines import sample_dpmpp_2m
+from ...solver import load_coefficients, sample_consistency_solver
+from ...solver.defaults import BUNDLED_DIR, DEFAULT_FILE_COMMANDS, default_file_name
+from ...solver.schedules import DiscreteSchedule
+from ..testbeds import FASHION_BED, get_testbed, run_sigmas
 from .metrics import psnr, rmse_per_sample, ssim
 from .references import HELD_OUT_SEED_START, reference_finals, seeded_batch
-from .testbeds import FASHION_BED, get_testbed, run_sigmas
+from .stock_samplers import sample_dpmpp_2m
 
 DEFAULT_COEFFICIENTS = BUNDLED_DIR / default_file_name("eps")
 PREVIEW_STEPS = 6
@@ -107,7 +108,7 @@ def run(coefficients_path: Path | None, classes: list[int], seeds_per_class: int
         finals = reference_finals(bed, noise, labels, method="multistep", steps=FINAL_STEPS)
         bed.denoise = denoise
 
-    from .testbeds.fashion import CLASS_NAMES
+    from ..testbeds.fashion import CLASS_NAMES
 
     columns = [f"{CLASS_NAMES[int(label)]}\nseed {seed}" for label, seed in zip(labels, seeds, strict=True)]
     solver_name = f"ConsistencySolver\n{PREVIEW_STEPS} steps"
