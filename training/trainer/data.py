@@ -1,4 +1,4 @@
-"""Training and held-out reference sets for the built-in test beds (the one generator: training/evaluation/references.py)."""
+"""Training and held-out reference sets for the built-in test beds (the one generator: evaluation/references.py)."""
 
 from __future__ import annotations
 
