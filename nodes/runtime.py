@@ -84,13 +84,13 @@ def locate_file(name: str) -> str:
     return folder_paths.get_full_path_or_raise(FOLDER_NAME, name)
 
 
-def model_kind(model_sampling: Any) -> str:
+def sampling_kind(model_sampling: Any) -> str:
     """``flow`` for CONST (SD3, Flux, ...), else ``eps`` (EPS and V-prediction share the ODE in sigma)."""
     return "flow" if isinstance(model_sampling, comfy.model_sampling.CONST) else "eps"
 
 
 def coefficients_for(model_sampling: Any, selection: CoefficientSelection) -> CoefficientSource:
-    return resolve_coefficients(selection, model_kind(model_sampling), locate_file)
+    return resolve_coefficients(selection, sampling_kind(model_sampling), locate_file)
 
 
 def sample_consistency_solver(
@@ -136,7 +136,7 @@ def schedule_sigmas(
         denoise,
         float(model_sampling.sigma_min),
         float(model_sampling.sigma_max),
-        describe_choice(selection.choice, model_kind(model_sampling)),
+        describe_choice(selection.choice, sampling_kind(model_sampling)),
         steps_note=_KSAMPLER_STEPS_NOTE if by_name else "",
         by_name=by_name,
     )
@@ -176,7 +176,7 @@ def fingerprint(model: Any) -> str:
     points = [float(model_sampling.sigma_max), float(model_sampling.sigma_min)]
     points += [float(model_sampling.percent_to_sigma(p)) for p in _FINGERPRINT_PERCENTS]
     type_names = [base.__name__ for base in type(model_sampling).__bases__]
-    return sampling_fingerprint(model_kind(model_sampling), type_names, points, type(latent_format).__name__)
+    return sampling_fingerprint(sampling_kind(model_sampling), type_names, points, type(latent_format).__name__)
 
 
 def sample_latent(

@@ -36,7 +36,7 @@ SCALE = 3  # 28 px -> 84 px per image
 CAPTION = 14  # pixels of text under each image
 
 
-def resolve_coefficients(path: Path | None) -> Path:
+def coefficient_file(path: Path | None) -> Path:
     """The coefficient file to use: ``path``, else the bundled default, which must exist (no preset fallback)."""
     chosen = path or DEFAULT_COEFFICIENTS
     if not chosen.is_file():
@@ -86,7 +86,7 @@ def counted(denoise: Callable[..., Tensor], progress: tqdm) -> Callable[..., Ten
 
 def run(coefficients_path: Path | None, classes: list[int], seeds_per_class: int, out: Path) -> dict[str, float]:
     """Make the grid at ``out`` and return the mean consistency numbers of both previews."""
-    coefficients = load_coefficients(resolve_coefficients(coefficients_path))
+    coefficients = load_coefficients(coefficient_file(coefficients_path))
     bed = get_testbed(FASHION_BED)
     seeds = [HELD_OUT_SEED_START + k for k in range(seeds_per_class)] * len(classes)
     noise, _ = seeded_batch(bed, seeds)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ...solver import load_coefficients, sample_consistency_solver
 from ...solver.schedules import DiscreteSchedule
 from ..testbeds import FASHION_BED, get_testbed, run_sigmas
-from .demo import resolve_coefficients
+from .demo import coefficient_file
 from .references import held_out_seeds, multistep_run, seeded_batch
 from .stock_samplers import sample_dpmpp_2m
 
@@ -88,7 +88,7 @@ def run(
     """Sample every preview and final once, then simulate the loop for each threshold."""
     from ..testbeds.fashion import load_classifier
 
-    coefficients = load_coefficients(resolve_coefficients(coefficients_path))
+    coefficients = load_coefficients(coefficient_file(coefficients_path))
     bed, classifier = get_testbed(FASHION_BED), load_classifier()
     noise, _ = seeded_batch(bed, held_out_seeds(seeds) * len(classes))
     labels = torch.tensor([c for c in classes for _ in range(seeds)])
