@@ -39,12 +39,6 @@ class DiscreteSchedule:
         distances = sigma.log().reshape(-1, 1) - self.log_sigmas.reshape(1, -1)
         return distances.abs().argmin(dim=1).reshape(sigma.shape).to(torch.float64)
 
-    def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
-        timestep = torch.as_tensor(timestep, dtype=torch.float64).clamp(0, len(self.sigmas) - 1)
-        low, high = timestep.floor().long(), timestep.ceil().long()
-        frac = timestep - low
-        return ((1 - frac) * self.log_sigmas[low] + frac * self.log_sigmas[high]).exp()
-
     def simple_sigmas(self, steps: int) -> torch.Tensor:
         """ComfyUI's ``simple`` scheduler: every (1000/steps)-th training sigma from the top, then 0."""
         stride = len(self.sigmas) / steps

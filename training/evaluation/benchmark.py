@@ -459,7 +459,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--beds", nargs="+", help=f"test beds (default: {' '.join(DEFAULT_BEDS)})")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmark"), help="folder for tables and plots")
     parser.add_argument("--coefficients", type=Path, nargs="*", default=[], help="extra coefficient files to rank")
-    parser.add_argument("--samples", type=int, help="held-out noises per bed (default: 256 GMM, 64 Fashion)")
+    parser.add_argument(
+        "--samples",
+        type=int,
+        help=f"held-out noises per bed (default: {SAMPLES['gmm']} GMM, {SAMPLES['fashion']} Fashion)",
+    )
     return parser.parse_args(argv)
 
 

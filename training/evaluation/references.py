@@ -64,7 +64,7 @@ def reference_finals(
     noise: Tensor,
     labels: Tensor | None,
     *,
-    method: str = "ode",
+    method: str = "multistep",
     steps: int = 40,
     cache_dir: str | os.PathLike | None = None,
     rtol: float = 1e-8,

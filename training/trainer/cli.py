@@ -132,7 +132,12 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue from --checkpoint when it exists")
     run.add_argument("--report-dir", help="where report.json and report.png go (default: next to --output)")
     run.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N updates (0: off)")
-    run.add_argument("--report-steps", type=step_range, help="step counts in the report (default: --steps)")
+    run.add_argument(
+        "--report-steps",
+        type=step_range,
+        help="step counts of the held-out evaluation (default 5,8, those of them in --steps) and of the report "
+        "(default: --steps)",
+    )
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     run.add_argument("--no-progress", action="store_true")
     return p

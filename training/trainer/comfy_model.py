@@ -30,8 +30,6 @@ class ComfyModel:
     the model's load device (the GPU when present); noises are drawn on the CPU, as ComfyUI draws them.
     """
 
-    guidance_note = "ComfyUI CFGGuider"
-
     def __init__(
         self,
         patcher,

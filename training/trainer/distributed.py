@@ -19,8 +19,8 @@ T = TypeVar("T")
 def initialise(backend: str = "gloo") -> None:
     """Join the process group torchrun describes.
 
-    gloo even on GPUs: what is all-reduced is the policy's gradient, and the policy (75k parameters)
-    stays on the CPU; only the rollouts run on each rank's device.
+    gloo even on GPUs: what is all-reduced is the policy's gradient, and the policy (83k parameters at the trainer's
+    defaults) stays on the CPU; only the rollouts run on each rank's device.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend)

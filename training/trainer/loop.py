@@ -54,7 +54,7 @@ class TrainConfig:
     weight_decay: float = 1e-3
     grad_clip: float = 1.0
     groups: int = 4  # ppo: groups of rollouts per update
-    batch: int = 8  # direct: samples per step count per update
+    batch: int = 16  # direct: samples per step count per update
     order: int = 4
     bins: int = 21
     hidden: int = 256

@@ -80,7 +80,10 @@ def make_reward(
         return lambda preview, reference: psnr(preview, reference, data_range)
     if name in ("image-psnr", "image-ssim"):
         if decode is None:
-            raise ValueError(f"the {name} reward decodes latents: give a VAE (--vae) or use the rmse/psnr reward")
+            raise ValueError(
+                f"use --comfy-checkpoint (its VAE decodes the latents) or the rmse/psnr reward: the {name} reward "
+                "compares decoded images"
+            )
         metric = ssim if name == "image-ssim" else psnr
         return decoded(lambda preview, reference: metric(preview, reference, 1.0), decode)
     if name == "feature":

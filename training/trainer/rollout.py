@@ -65,12 +65,6 @@ def expected_weights(policy: ConsistencyPolicy, features: torch.Tensor) -> torch
     return actions_to_weights(actions, history_lengths(len(features), policy.order))
 
 
-def mode_weights(policy: ConsistencyPolicy, features: torch.Tensor) -> torch.Tensor:
-    """[steps, order] weights of the policy's most likely actions (the deterministic PPO read-out)."""
-    actions = policy.actions(policy(features), mode="mode")
-    return actions_to_weights(actions, history_lengths(len(features), policy.order))
-
-
 def sample_action_indices(logits: torch.Tensor, rollouts: int, generator: torch.Generator) -> torch.Tensor:
     """Draw ``rollouts`` independent action vectors per step: logits [steps, dims, bins] -> [rollouts, steps, dims]."""
     probs = logits.detach().softmax(dim=-1).flatten(0, -2)
