@@ -98,8 +98,9 @@ def test_a_file_with_a_learned_schedule_runs_on_it(tmp_path):
     path = tmp_path / "scheduled.safetensors"
     save_coefficients(path, table, model_family="gmm-eps")
     noise = torch.randn(8, *bed.shape, generator=torch.Generator().manual_seed(0))
-    model = bed.model(bed.sample_labels(8, torch.Generator().manual_seed(1)))
-    row, on_default = benchmark.consistency_rows(bed, model, noise, [path])
+    labels = bed.sample_labels(8, torch.Generator().manual_seed(1))
+    model = bed.model(labels)
+    row, on_default = benchmark.consistency_rows(bed, noise, labels, [path])
     assert row.label == "ConsistencySolver (scheduled, learned schedule)"
     assert on_default.label == "ConsistencySolver (scheduled, bed's schedule)"
     plain = sample_consistency_solver(

@@ -36,14 +36,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ...solver import PRESET_NAMES, Preset, TableCoefficients, load_coefficients, model_kind, sample_consistency_solver
+from ...solver import PRESET_NAMES, Preset, TableCoefficients, load_coefficients, model_kind
 from ...solver.defaults import BUNDLED_DIR
 from ...solver.schedules import DiscreteSchedule
 from ..testbeds import COEFFICIENTS_DIR, FASHION_BED, TESTBED_NAMES, GMMTestBed, TestBed, get_testbed, run_sigmas
 from . import stock_samplers
+from .evaluator import Sampler, sample_previews, solver_sampler
 from .metrics import consistency_rmse, frechet_distance, label_agreement, mode_tv, rmse_per_sample, sliced_wasserstein
 from .references import held_out_seeds, reference_finals, seeded_batch
-from .stock_samplers import BASELINE_LABEL, sample_dpmpp_2m
 
 CACHE_DIR = Path(".cache") / "references"
 STEP_COUNTS = (4, 5, 6, 8, 10, 12)
@@ -60,8 +60,6 @@ SAMPLES = {"gmm": 2048, "fashion": 64}
 QUICK_SAMPLES = 16
 OVERHEAD_LATENT = (1, 4, 64, 64)
 FASHION_REAL_PER_SAMPLE = 8  # an SD1.5 512x512 latent
-
-Sampler = Callable[..., Tensor]
 
 
 @dataclass
@@ -156,7 +154,31 @@ def coefficient_files(extra: list[Path]) -> list[Path]:
     return sorted(shipped, key=lambda path: path.name) + list(extra)
 
 
-def consistency_rows(bed: TestBed, model: Sampler, noise: Tensor, files: list[Path]) -> list[Row]:
+def sampler_row(
+    label: str,
+    bed: TestBed,
+    sampler: Sampler,
+    schedule: Callable[[int], Tensor],
+    noise: Tensor,
+    labels: Tensor | None,
+    note: Callable[[int], str] = lambda steps: "",
+    untrained_is_empty: bool = False,
+) -> Row:
+    """A row whose cell at N steps holds ``sampler``'s previews on ``schedule(N)``. With ``untrained_is_empty`` a
+    step count the coefficients or their learned schedule lack is an empty cell instead of an error."""
+
+    def run(steps: int) -> Tensor | None:
+        try:
+            return sample_previews(bed, sampler, schedule(steps).float(), noise, labels)
+        except ValueError:
+            if untrained_is_empty:
+                return None
+            raise
+
+    return Row(label, run, note)
+
+
+def consistency_rows(bed: TestBed, noise: Tensor, labels: Tensor | None, files: list[Path]) -> list[Row]:
     """One row per coefficient file whose model family fits the bed (``any`` or the bed's eps/flow kind); two
     for a file with a learned schedule: on it, and on the bed's default schedule."""
     rows = []
@@ -171,92 +193,64 @@ def consistency_rows(bed: TestBed, model: Sampler, noise: Tensor, files: list[Pa
         else:
             trained = set(coefficients.trained_steps)
 
-        def run(steps: int, coefficients=coefficients, schedule=coefficients.schedule) -> Tensor | None:
-            try:
-                sigmas = run_sigmas(bed, steps, schedule).float()
-                return sample_consistency_solver(
-                    model,
-                    bed.initial_state(noise, sigmas),
-                    sigmas,
-                    disable=True,
-                    coefficients=coefficients,
-                    model_sampling=model_sampling,
-                )
-            except ValueError:  # a step count the table or schedule lacks, or features the bed cannot give
-                return None
-
         def note(steps: int, trained=trained) -> str:
             return "" if steps in trained else "*"
 
+        def row(label: str, schedule: Callable[[int], Tensor], coefficients=coefficients, note=note) -> Row:
+            sampler = solver_sampler(coefficients, model_sampling)
+            return sampler_row(label, bed, sampler, schedule, noise, labels, note, untrained_is_empty=True)
+
         if coefficients.schedule is None:
-            rows.append(Row(f"ConsistencySolver ({path.stem})", run, note))
+            rows.append(row(f"ConsistencySolver ({path.stem})", bed.sigmas))
             continue
         # A file with a learned schedule, on it (the consistency_solver scheduler) and on the bed's default
         # schedule (the file picked with a stock scheduler), which its weights were not trained for.
-        rows.append(Row(f"ConsistencySolver ({path.stem}, learned schedule)", run, note))
-        on_default = functools.partial(run, schedule=None)
-        rows.append(Row(f"ConsistencySolver ({path.stem}, bed's schedule)", on_default, note))
+        learned = functools.partial(run_sigmas, bed, schedule=coefficients.schedule)
+        rows.append(row(f"ConsistencySolver ({path.stem}, learned schedule)", learned))
+        rows.append(row(f"ConsistencySolver ({path.stem}, bed's schedule)", bed.sigmas))
     return rows
 
 
-def preset_rows(bed: TestBed, model: Sampler, noise: Tensor) -> list[Row]:
-    def row(name: str) -> Row:
-        def run(steps: int) -> Tensor:
-            sigmas = bed.sigmas(steps).float()
-            x = bed.initial_state(noise, sigmas)
-            return sample_consistency_solver(model, x, sigmas, disable=True, coefficients=Preset(name))
-
-        return Row(f"preset {name}", run)
-
-    return [row(name) for name in PRESET_NAMES]
+def preset_rows(bed: TestBed, noise: Tensor, labels: Tensor | None) -> list[Row]:
+    return [
+        sampler_row(f"preset {name}", bed, solver_sampler(Preset(name)), bed.sigmas, noise, labels)
+        for name in PRESET_NAMES
+    ]
 
 
 def dpmpp_2m_sampler() -> tuple[Sampler, str]:
-    """ComfyUI's dpmpp_2m when importable, else the project's reimplementation, with a label saying which."""
-    if stock_samplers.comfy_unavailable_reason() is None:
-        return stock_samplers.stock_sampler("dpmpp_2m"), "ComfyUI dpmpp_2m"
-    return sample_dpmpp_2m, f"dpmpp_2m ({BASELINE_LABEL})"
+    """The dpmpp_2m of the stock rows, with its row label (ComfyUI's, or the reimplementation's saying so)."""
+    sampler, source = stock_samplers.dpmpp_2m()
+    return sampler, "ComfyUI dpmpp_2m" if source == stock_samplers.COMFYUI else f"dpmpp_2m ({source})"
 
 
-def stock_rows(bed: TestBed, model: Sampler, noise: Tensor) -> list[Row]:
+def stock_rows(bed: TestBed, noise: Tensor, labels: Tensor | None) -> list[Row]:
     reason = stock_samplers.comfy_unavailable_reason()
     if reason is not None:
         rows = [Row(f"ComfyUI {name}", None, absent=reason) for name in stock_samplers.STOCK_SAMPLERS]
         sampler, label = dpmpp_2m_sampler()
-        return [*rows, plain_row(label, sampler, bed, model, noise, bed.sigmas)]
+        return [*rows, sampler_row(label, bed, sampler, bed.sigmas, noise, labels)]
 
     def row(name: str) -> Row:
-        def schedule(steps: int) -> Tensor:
-            return stock_samplers.stock_sampler_sigmas(name, bed.sigmas, steps)
-
-        return plain_row(f"ComfyUI {name}", stock_samplers.stock_sampler(name), bed, model, noise, schedule)
+        schedule = functools.partial(stock_samplers.stock_sampler_sigmas, name, bed.sigmas)
+        return sampler_row(f"ComfyUI {name}", bed, stock_samplers.stock_sampler(name), schedule, noise, labels)
 
     return [row(name) for name in stock_samplers.STOCK_SAMPLERS]
 
 
-def plain_row(
-    label: str, sampler: Sampler, bed: TestBed, model: Sampler, noise: Tensor, schedule: Callable[[int], Tensor]
-) -> Row:
-    def run(steps: int) -> Tensor:
-        sigmas = schedule(steps).float()
-        return sampler(model, bed.initial_state(noise, sigmas), sigmas, disable=True)
-
-    return Row(label, run)
-
-
-def live_preview_row(bed: TestBed, model: Sampler, noise: Tensor) -> Row:
+def live_preview_row(bed: TestBed, noise: Tensor, labels: Tensor | None) -> Row:
     """The denoised estimate at step N of a 30-step dpmpp_2m run: what ComfyUI's latent preview shows."""
     sampler, label = dpmpp_2m_sampler()
     sigmas = bed.sigmas(LIVE_PREVIEW_STEPS).float()
-    previews: dict[int, Tensor] = {}
+    denoised: dict[int, Tensor] = {}
 
     def keep(info: dict) -> None:
-        previews[info["i"] + 1] = info["denoised"]
+        denoised[info["i"] + 1] = info["denoised"]
 
     def run(steps: int) -> Tensor:
-        if not previews:
-            sampler(model, bed.initial_state(noise, sigmas), sigmas, callback=keep, disable=True)
-        return previews[steps]
+        if not denoised:
+            sample_previews(bed, sampler, sigmas, noise, labels, callback=keep)
+        return denoised[steps]
 
     return Row(f"live preview ({label}, {LIVE_PREVIEW_STEPS}-step run)", run)
 
@@ -272,15 +266,14 @@ def evaluate_bed(
 ) -> BedResult:
     started = time.perf_counter()
     noise, labels = seeded_batch(bed, held_out_seeds(count))
-    model = bed.model(labels)
     references = reference_finals(bed, noise, labels, method="multistep", steps=REFERENCE_STEPS, cache_dir=CACHE_DIR)
     quality = Quality(bed, labels, count)
     result = BedResult(bed.name, quality.names, quality_note=quality.note)
     result.floors = {f"{REFERENCE_STEPS}-step reference": quality(references), **quality.floors}
 
-    solver_rows = consistency_rows(bed, model, noise, files)
-    rows = [*solver_rows, *preset_rows(bed, model, noise), *stock_rows(bed, model, noise)]
-    rows.append(live_preview_row(bed, model, noise))
+    solver_rows = consistency_rows(bed, noise, labels, files)
+    rows = [*solver_rows, *preset_rows(bed, noise, labels), *stock_rows(bed, noise, labels)]
+    rows.append(live_preview_row(bed, noise, labels))
     cache: dict[tuple[str, int], float | None] = {}
     for row in rows:
         log(f"  {bed.name}: {row.label}")
@@ -356,21 +349,13 @@ def sampler_overhead(files: list[Path], repeats: int) -> dict[str, float]:
     def zero_cost(x: Tensor, sigma: Tensor, **extra_args) -> Tensor:
         return zeros
 
-    def solver(x: Tensor) -> Tensor:
-        return sample_consistency_solver(
-            zero_cost, x, sigmas, disable=True, coefficients=coefficients, model_sampling=model_sampling
-        )
-
-    def dpm(x: Tensor) -> Tensor:
-        return dpm_sampler(zero_cost, x, sigmas, disable=True)
-
     timings = {}
-    for label, run in ((solver_label, solver), (dpm_label, dpm)):
-        run(x)  # warm-up
+    for label, sampler in ((solver_label, solver_sampler(coefficients, model_sampling)), (dpm_label, dpm_sampler)):
+        sampler(zero_cost, x, sigmas, disable=True)  # warm-up
         seconds = []
         for _ in range(repeats):
             started = time.perf_counter()
-            run(x)
+            sampler(zero_cost, x, sigmas, disable=True)
             seconds.append(time.perf_counter() - started)
         timings[label] = statistics.median(seconds) / LIVE_PREVIEW_STEPS
     return timings

@@ -21,10 +21,11 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ...solver import load_coefficients, sample_consistency_solver
+from ...solver import load_coefficients
 from ...solver.defaults import BUNDLED_DIR, DEFAULT_FILE_COMMANDS, default_file_name
 from ...solver.schedules import DiscreteSchedule
 from ..testbeds import FASHION_BED, get_testbed, run_sigmas
+from .evaluator import sample_previews, solver_sampler
 from .metrics import psnr, rmse_per_sample, ssim
 from .references import HELD_OUT_SEED_START, reference_finals, seeded_batch
 from .stock_samplers import sample_dpmpp_2m
@@ -92,19 +93,15 @@ def run(coefficients_path: Path | None, classes: list[int], seeds_per_class: int
     noise, _ = seeded_batch(bed, seeds)
     labels = torch.tensor([c for c in classes for _ in range(seeds_per_class)])
     sigmas = bed.sigmas(PREVIEW_STEPS).float()
-    x = bed.initial_state(noise, sigmas)
     # The solver runs on its file's learned schedule when it has one (dpmpp_2m keeps the bed's).
     solver_sigmas = run_sigmas(bed, PREVIEW_STEPS, coefficients.schedule).float()
-    solver_x = bed.initial_state(noise, solver_sigmas)
     with tqdm(total=2 * PREVIEW_STEPS + FINAL_STEPS, desc="model calls", unit="call") as progress:
         # Counting calls for the progress bar: the reference generator calls bed.denoise through bed.model.
         denoise = bed.denoise
         bed.denoise = counted(denoise, progress)
-        model = bed.model(labels)
-        solver_previews = sample_consistency_solver(
-            model, solver_x, solver_sigmas, disable=True, coefficients=coefficients, model_sampling=DiscreteSchedule()
-        )
-        dpm_previews = sample_dpmpp_2m(model, x, sigmas, disable=True)
+        solver = solver_sampler(coefficients, DiscreteSchedule())
+        solver_previews = sample_previews(bed, solver, solver_sigmas, noise, labels)
+        dpm_previews = sample_previews(bed, sample_dpmpp_2m, sigmas, noise, labels)
         finals = reference_finals(bed, noise, labels, method="multistep", steps=FINAL_STEPS)
         bed.denoise = denoise
 

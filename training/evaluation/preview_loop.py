@@ -29,10 +29,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ...solver import load_coefficients, sample_consistency_solver
+from ...solver import load_coefficients
 from ...solver.schedules import DiscreteSchedule
 from ..testbeds import FASHION_BED, get_testbed, run_sigmas
 from .demo import coefficient_file
+from .evaluator import sample_previews, solver_sampler
 from .references import held_out_seeds, multistep_run, seeded_batch
 from .stock_samplers import sample_dpmpp_2m
 
@@ -92,12 +93,9 @@ def run(
     bed, classifier = get_testbed(FASHION_BED), load_classifier()
     noise, _ = seeded_batch(bed, held_out_seeds(seeds) * len(classes))
     labels = torch.tensor([c for c in classes for _ in range(seeds)])
-    model = bed.model(labels)
     sigmas = bed.sigmas(preview_steps).float()
-    x = bed.initial_state(noise, sigmas)
     # The solver runs on its file's learned schedule when it has one (dpmpp_2m keeps the bed's).
     solver_sigmas = run_sigmas(bed, preview_steps, coefficients.schedule).float()
-    solver_x = bed.initial_state(noise, solver_sigmas)
     live: dict[int, Tensor] = {}
 
     def keep_live_preview(info: dict) -> None:
@@ -105,18 +103,10 @@ def run(
             live[preview_steps] = info["denoised"]
 
     with tqdm(total=3, desc="sampling", unit="run") as progress:
-        previews = {
-            "ConsistencySolver": sample_consistency_solver(
-                model,
-                solver_x,
-                solver_sigmas,
-                disable=True,
-                coefficients=coefficients,
-                model_sampling=DiscreteSchedule(),
-            )
-        }
+        solver = solver_sampler(coefficients, DiscreteSchedule())
+        previews = {"ConsistencySolver": sample_previews(bed, solver, solver_sigmas, noise, labels)}
         progress.update(1)
-        previews["dpmpp_2m"] = sample_dpmpp_2m(model, x, sigmas, disable=True)
+        previews["dpmpp_2m"] = sample_previews(bed, sample_dpmpp_2m, sigmas, noise, labels)
         progress.update(1)
         finals = multistep_run(bed, noise, labels, FINAL_STEPS, callback=keep_live_preview)
         previews["live preview"] = live[preview_steps]

@@ -28,6 +28,7 @@ from tqdm.auto import trange
 from ...solver import Preset, sample_consistency_solver
 
 BASELINE_LABEL = "project reimplementation"
+COMFYUI = "ComfyUI"
 
 
 @torch.no_grad()
@@ -155,3 +156,11 @@ def stock_sampler_sigmas(name: str, schedule: Callable[[int], Tensor], steps: in
         sigmas = schedule(steps + 1)
         return torch.cat([sigmas[:-2], sigmas[-1:]])
     return schedule(steps)
+
+
+def dpmpp_2m() -> tuple[Callable[..., Tensor], str]:
+    """The dpmpp_2m every result compares with: ComfyUI's when ComfyUI imports, else the project's
+    reimplementation; with where it comes from (``COMFYUI`` or ``BASELINE_LABEL``), which results name."""
+    if comfy_unavailable_reason() is None:
+        return stock_sampler("dpmpp_2m"), COMFYUI
+    return sample_dpmpp_2m, BASELINE_LABEL

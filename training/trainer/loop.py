@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ...solver import ConsistencyPolicy, PolicyCoefficients, active_action_mask, sample_consistency_solver
+from ...solver import ConsistencyPolicy, PolicyCoefficients, active_action_mask
 from ...solver.coefficients import ROW_SUMS, CoefficientSource, history_lengths
-from ..evaluation.metrics import consistency_rmse
+from ..evaluation.evaluator import Sampler, preview_rmse, solver_sampler
 from ..testbeds import run_sigmas
 from . import distributed
 from .direct import direct_loss
@@ -340,14 +340,15 @@ def evaluation_cost(plans: list[GroupPlan], config: TrainConfig) -> tuple[int, i
 def held_out_rmse(source: CoefficientSource, problem: Problem, steps: int) -> float:
     """Consistency RMSE of the inference sampler with ``source`` (on its learned schedule, if it has one) on the
     problem's held-out noises."""
-    sigmas = run_sigmas(problem.bed, steps, source.schedule)
-    noises, labels, finals = problem.held_out.noises, problem.held_out.labels, problem.held_out.finals
-    x = problem.bed.initial_state(noises, sigmas)
     sampler_schedule = None if problem.sigma_to_timestep is None else _Timesteps(problem.sigma_to_timestep)
-    previews = sample_consistency_solver(
-        problem.bed.model(labels), x, sigmas, disable=True, coefficients=source, model_sampling=sampler_schedule
-    )
-    return consistency_rmse(previews.cpu(), finals)
+    sigmas = run_sigmas(problem.bed, steps, source.schedule)
+    return held_out_sampler_rmse(solver_sampler(source, sampler_schedule), problem, sigmas)
+
+
+def held_out_sampler_rmse(sampler: Sampler, problem: Problem, sigmas: torch.Tensor) -> float:
+    """Consistency RMSE of any ``sampler`` on ``sigmas`` on the problem's held-out noises."""
+    held_out = problem.held_out
+    return preview_rmse(problem.bed, sampler, sigmas, held_out.noises, held_out.labels, held_out.finals)
 
 
 @dataclass(frozen=True)

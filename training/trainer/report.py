@@ -8,30 +8,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ...solver import PRESET_NAMES, Preset
-from ..evaluation.metrics import consistency_rmse
-from ..evaluation.stock_samplers import BASELINE_LABEL, baseline_sampler, comfy_unavailable_reason, stock_sampler
-from .loop import Problem, TrainConfig, TrainState, build_policy, coefficients, held_out_rmse
+from ..evaluation.stock_samplers import dpmpp_2m
+from .loop import Problem, TrainConfig, TrainState, build_policy, coefficients, held_out_rmse, held_out_sampler_rmse
 
 STOCK_REFERENCE = "dpmpp_2m"
-
-
-def dpmpp_2m() -> tuple[Any, str]:
-    """ComfyUI's dpmpp_2m when ComfyUI imports, else the project's reimplementation, with its label."""
-    if comfy_unavailable_reason() is None:
-        return stock_sampler(STOCK_REFERENCE), "ComfyUI"
-    return baseline_sampler(STOCK_REFERENCE), BASELINE_LABEL
-
-
-@torch.no_grad()
-def sampler_rmse(sampler: Any, problem: Problem, steps: int) -> float:
-    sigmas = problem.bed.sigmas(steps)
-    held_out = problem.held_out
-    x = problem.bed.initial_state(held_out.noises, sigmas)
-    previews = sampler(problem.bed.model(held_out.labels), x, sigmas, disable=True)
-    return consistency_rmse(previews.cpu(), held_out.finals)
 
 
 def held_out_table(
@@ -47,7 +28,7 @@ def held_out_table(
     table = {}
     for name, problem in zip(names, problems, strict=True):
         rows = {label: {n: held_out_rmse(source, problem, n) for n in steps} for label, source in sources.items()}
-        rows[STOCK_REFERENCE] = {n: sampler_rmse(stock, problem, n) for n in steps}
+        rows[STOCK_REFERENCE] = {n: held_out_sampler_rmse(stock, problem, problem.bed.sigmas(n)) for n in steps}
         table[name] = rows
     return table
 
