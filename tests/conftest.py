@@ -3,6 +3,16 @@
 import pytest
 import torch
 
+from consistency_solver.training.evaluation.references import REFERENCE_CACHE_VARIABLE
+
+
+@pytest.fixture(scope="session", autouse=True)
+def reference_cache(tmp_path_factory):
+    """References the tests build are cached for the session only, never in the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(REFERENCE_CACHE_VARIABLE, str(tmp_path_factory.mktemp("references")))
+        yield
+
 
 @pytest.fixture(scope="module")
 def one_thread():

@@ -43,9 +43,8 @@ from ..testbeds import COEFFICIENTS_DIR, FASHION_BED, TESTBED_NAMES, GMMTestBed,
 from . import stock_samplers
 from .evaluator import Sampler, sample_previews, solver_sampler
 from .metrics import consistency_rmse, frechet_distance, label_agreement, mode_tv, rmse_per_sample, sliced_wasserstein
-from .references import held_out_seeds, reference_finals, seeded_batch
+from .references import held_out_seeds, reference_cache_dir, reference_finals, seeded_batch
 
-CACHE_DIR = Path(".cache") / "references"
 STEP_COUNTS = (4, 5, 6, 8, 10, 12)
 QUICK_STEP_COUNTS = (4, 6)
 REFERENCE_STEPS = 40
@@ -266,7 +265,9 @@ def evaluate_bed(
 ) -> BedResult:
     started = time.perf_counter()
     noise, labels = seeded_batch(bed, held_out_seeds(count))
-    references = reference_finals(bed, noise, labels, method="multistep", steps=REFERENCE_STEPS, cache_dir=CACHE_DIR)
+    references = reference_finals(
+        bed, noise, labels, method="multistep", steps=REFERENCE_STEPS, cache_dir=reference_cache_dir()
+    )
     quality = Quality(bed, labels, count)
     result = BedResult(bed.name, quality.names, quality_note=quality.note)
     result.floors = {f"{REFERENCE_STEPS}-step reference": quality(references), **quality.floors}

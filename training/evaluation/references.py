@@ -35,6 +35,17 @@ REFERENCE_METHODS = ("ode", "multistep")
 MULTISTEP_PRESET = "ab4"
 # Bump when the computation below changes, so stale cache files are not reused.
 REFERENCE_VERSION = "1"
+REFERENCE_CACHE_VARIABLE = "CONSISTENCY_SOLVER_REFERENCE_CACHE"
+
+
+def reference_cache_dir() -> Path:
+    """Where the trainer and the benchmark cache reference finals: ``$CONSISTENCY_SOLVER_REFERENCE_CACHE`` when set,
+    else ``consistency-solver/references`` under ``$XDG_CACHE_HOME`` (default ``~/.cache``)."""
+    override = os.environ.get(REFERENCE_CACHE_VARIABLE)
+    if override:
+        return Path(override)
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "consistency-solver" / "references"
 
 
 def seeded_batch(bed: TestBed, seeds: Sequence[int]) -> tuple[Tensor, Tensor | None]:

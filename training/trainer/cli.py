@@ -121,7 +121,11 @@ def parser() -> argparse.ArgumentParser:
     data.add_argument("--reference-steps", type=int, default=40)
     data.add_argument("--train-count", type=int, default=256, help="training noises (seeds below 10000)")
     data.add_argument("--held-out-count", type=int, default=128, help="held-out noises (seeds 10000 and up)")
-    data.add_argument("--references-dir", help="reference cache (default ~/.cache/consistency-solver/references)")
+    data.add_argument(
+        "--references-dir",
+        help="reference cache (default: $CONSISTENCY_SOLVER_REFERENCE_CACHE, else "
+        "~/.cache/consistency-solver/references)",
+    )
 
     run = p.add_argument_group("run")
     run.add_argument("--seed", type=int, default=0)

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from ..evaluation.references import held_out_seeds, reference_finals, seeded_batch, training_seeds
+from ..evaluation.references import (
+    held_out_seeds,
+    reference_cache_dir,
+    reference_finals,
+    seeded_batch,
+    training_seeds,
+)
 from ..testbeds import get_testbed
 from ..testbeds.base import TestBed
 from .loop import Problem, ReferenceSet
 from .rewards import Reward
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "consistency-solver" / "references"
 
 
 @dataclass(frozen=True)
@@ -26,7 +25,7 @@ class ReferenceSettings:
     steps: int = 40
     train_count: int = 256
     held_out_count: int = 128
-    cache_dir: str | None = None  # None: default_cache_dir()
+    cache_dir: str | None = None  # None: references.reference_cache_dir()
 
 
 def reference_set(bed: TestBed, seeds: list[int], settings: ReferenceSettings) -> ReferenceSet:
@@ -38,7 +37,7 @@ def reference_set(bed: TestBed, seeds: list[int], settings: ReferenceSettings) -
             labels,
             method=settings.method,
             steps=settings.steps,
-            cache_dir=settings.cache_dir or default_cache_dir(),
+            cache_dir=settings.cache_dir or reference_cache_dir(),
         )
     return ReferenceSet(noises, labels, finals)
 
