@@ -27,6 +27,7 @@ from ...solver.files import model_kind
 from ..evaluation.references import REFERENCE_METHODS
 from ..testbeds import TESTBED_NAMES
 from . import distributed
+from .comfy_model import CheckpointRequest, NoPrompts, comfy_problem
 from .data import ReferenceSettings, bed_problem
 from .loop import (
     FORMS,
@@ -188,9 +189,23 @@ def build_problems(args: argparse.Namespace) -> tuple[list[Problem], list[str]]:
         args.reference_method, args.reference_steps, args.train_count, args.held_out_count, args.references_dir
     )
     if args.comfy_checkpoint:
-        from .comfy_model import comfy_problem
-
-        problem = comfy_problem(args, settings)
+        if not args.prompts:
+            raise SystemExit("--comfy-checkpoint needs --prompts (a text file with one prompt per line)")
+        request = CheckpointRequest(
+            args.comfy_checkpoint,
+            Path(args.prompts).read_text(),
+            negative=args.negative,
+            cfg=args.cfg,
+            scheduler=args.scheduler,
+            width=args.width,
+            height=args.height,
+            reward=args.reward,
+            comfyui=args.comfyui,
+        )
+        try:
+            problem = comfy_problem(request, settings)
+        except NoPrompts:
+            raise SystemExit(f"{args.prompts} has no prompts") from None
         return [problem], [problem.bed.name]
     if not args.bed:
         raise SystemExit("give --bed (a built-in test bed) or --comfy-checkpoint (a ComfyUI model)")

@@ -11,14 +11,14 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ..evaluation.references import held_out_seeds, training_seeds
 from ..evaluation.stock_samplers import import_comfy
-from .data import reference_set
+from .data import ReferenceSettings, reference_problem
 from .loop import Problem
 from .rewards import make_reward
 
@@ -170,34 +170,44 @@ def encode_prompt(clip, text: str) -> list:
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
-def comfy_problem(args, settings):
-    """The trainer's Problem for a real checkpoint (``python -m consistency_solver.training --comfy-checkpoint``)."""
-    if not args.prompts:
-        raise SystemExit("--comfy-checkpoint needs --prompts (a text file with one prompt per line)")
-    prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+@dataclass(frozen=True)
+class CheckpointRequest:
+    """A ComfyUI checkpoint to train for, and how the trainer samples it."""
+
+    checkpoint: str  # a path, or a name in ComfyUI's models/checkpoints
+    prompt_text: str  # one prompt per line; blank lines are skipped
+    negative: str
+    cfg: float
+    scheduler: str
+    width: int
+    height: int
+    reward: str
+    comfyui: str | None = None  # the ComfyUI install; None: $COMFYUI_PATH or /opt/ComfyUI
+
+
+class NoPrompts(ValueError):
+    """The prompt text holds no prompt (every line is blank)."""
+
+
+def comfy_problem(request: CheckpointRequest, settings: ReferenceSettings) -> Problem:
+    """The trainer's Problem for a real checkpoint: its guided model on the prompts, with reference sets."""
+    prompts = [line.strip() for line in request.prompt_text.splitlines() if line.strip()]
     if not prompts:
-        raise SystemExit(f"{args.prompts} has no prompts")
-    patcher, clip, vae = load_comfy_checkpoint(args.comfy_checkpoint, args.comfyui)
+        raise NoPrompts("the prompt text has no prompts")
+    patcher, clip, vae = load_comfy_checkpoint(request.checkpoint, request.comfyui)
     with torch.no_grad():
         positives = [encode_prompt(clip, text) for text in prompts]
-        negative = encode_prompt(clip, args.negative)
-    name = Path(args.comfy_checkpoint).stem
+        negative = encode_prompt(clip, request.negative)
     model = ComfyModel(
         patcher,
         positives,
         negative,
-        cfg=args.cfg,
-        scheduler=args.scheduler,
-        width=args.width,
-        height=args.height,
-        name=name,
-        source=Path(args.prompts).read_text(),
+        cfg=request.cfg,
+        scheduler=request.scheduler,
+        width=request.width,
+        height=request.height,
+        name=Path(request.checkpoint).stem,
+        source=request.prompt_text,
     )
-    decode = model.decode(vae) if args.reward.startswith("image-") else None
-    reward = make_reward(args.reward, decode=decode)
-    return Problem(
-        bed=model,
-        train=reference_set(model, training_seeds(settings.train_count), settings),
-        held_out=reference_set(model, held_out_seeds(settings.held_out_count), settings),
-        reward=reward,
-    )
+    decode = model.decode(vae) if request.reward.startswith("image-") else None
+    return reference_problem(model, make_reward(request.reward, decode=decode), settings)

@@ -43,8 +43,12 @@ def reference_set(bed: TestBed, seeds: list[int], settings: ReferenceSettings) -
 
 
 def bed_problem(name: str, reward: Reward, settings: ReferenceSettings) -> Problem:
-    """A built-in bed with training noises (seeds < 10_000) and held-out noises (seeds >= 10_000)."""
-    bed = get_testbed(name)
+    """The built-in bed called ``name`` as a Problem (see ``reference_problem``)."""
+    return reference_problem(get_testbed(name), reward, settings)
+
+
+def reference_problem(bed: TestBed, reward: Reward, settings: ReferenceSettings) -> Problem:
+    """``bed`` with training noises (seeds < 10_000), held-out noises (seeds >= 10_000) and their references."""
     return Problem(
         bed=bed,
         train=reference_set(bed, training_seeds(settings.train_count), settings),
