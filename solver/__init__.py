@@ -1,6 +1,7 @@
 """ConsistencySolver in pure torch: the sampler, coefficient sources and the coefficient file format."""
 
 from .coefficients import PRESET_NAMES, CoefficientSource, Preset, TableCoefficients, adams_bashforth_weights
+from .errors import InvalidWeights, UnknownChoice, UntrainedStepCount, check_choice, format_steps
 from .files import CoefficientFileError, load_coefficients, model_kind, save_coefficients
 from .policy import ConsistencyPolicy, PolicyCoefficients, actions_to_weights, active_action_mask
 from .sampling import coefficient_table, sample_consistency_solver, to_d
@@ -12,6 +13,9 @@ __all__ = [
     "TIME_FEATURE_KINDS",
     "CoefficientFileError",
     "CoefficientSource",
+    "InvalidWeights",
+    "UnknownChoice",
+    "UntrainedStepCount",
     "ConsistencyPolicy",
     "PolicyCoefficients",
     "Preset",
@@ -20,7 +24,9 @@ __all__ = [
     "actions_to_weights",
     "active_action_mask",
     "adams_bashforth_weights",
+    "check_choice",
     "coefficient_table",
+    "format_steps",
     "load_coefficients",
     "model_kind",
     "sample_consistency_solver",

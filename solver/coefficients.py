@@ -19,6 +19,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from .errors import UntrainedStepCount, check_choice
 from .schedules import StepSchedule
 from .time_features import SigmaToTimestep
 
@@ -39,8 +40,20 @@ class CoefficientSource(Protocol):
     def weights(self, sigmas: torch.Tensor, sigma_to_timestep: SigmaToTimestep | None = None) -> torch.Tensor: ...
 
 
-def row_sums_problem(table: torch.Tensor, row_sums: str) -> str | None:
-    """What is wrong with the row sums of a [steps, order] table under ``row_sums`` (see ROW_SUMS), or None."""
+def table_problem(table: torch.Tensor, row_sums: str) -> str | None:
+    """What is wrong with a [steps, order] weight table under ``row_sums`` (see ROW_SUMS), or None.
+
+    Row i may weigh only the ``min(i + 1, order)`` derivatives that exist at that step: weight on a
+    later column would have nothing to multiply, and dropping it would shorten the step.
+    """
+    history = history_lengths(table.shape[0], table.shape[1])
+    unavailable = torch.arange(table.shape[1]).unsqueeze(0) >= history.unsqueeze(1)
+    early = (table.ne(0) & unavailable).any(dim=1).nonzero().flatten().tolist()
+    if early:
+        i = early[0]
+        return (
+            f"put weight on derivatives that do not exist yet (row {i}: {table[i].tolist()}, {int(history[i])} exist)"
+        )
     sums = table.sum(dim=1)
     if row_sums == "one" and not torch.allclose(sums, torch.ones_like(sums), atol=1e-5):
         return f"do not sum to 1 (first-order consistency): {sums.tolist()}"
@@ -59,15 +72,26 @@ def adams_bashforth_weights(sigmas: torch.Tensor, order: int) -> torch.Tensor:
 
     With u = (s - sigma_i) / (sigma_{i+1} - sigma_i) the weights solve sum_j w_j u_j^p = 1/(p+1)
     for p < h, i.e. the step is exact for derivatives that are polynomials of degree h-1 in sigma.
+
+    Repeated sigmas: a zero-length step moves nothing whatever its weights (the sampler skips it), so its
+    row is Euler's. A sigma repeated in the history is one interpolation node, not two (the sampler's
+    derivatives there are equal: same x, same sigma), so only its newest entry gets weight and the order
+    falls to the number of distinct sigmas available, as at the start of a run.
     """
     sigmas = sigmas.detach().to("cpu", torch.float64)
     steps = len(sigmas) - 1
     table = torch.zeros(steps, order, dtype=torch.float64)
     for i, h in enumerate(history_lengths(steps, order).tolist()):
-        nodes = (sigmas[i - torch.arange(h)] - sigmas[i]) / (sigmas[i + 1] - sigmas[i])
-        powers = torch.arange(h, dtype=torch.float64)
+        length = sigmas[i + 1] - sigmas[i]
+        if length == 0:
+            table[i, 0] = 1.0
+            continue
+        past = sigmas[i - torch.arange(h)].tolist()
+        columns = [k for k in range(h) if past[k] not in past[:k]]
+        nodes = (torch.tensor([past[k] for k in columns], dtype=torch.float64) - sigmas[i]) / length
+        powers = torch.arange(len(columns), dtype=torch.float64)
         vandermonde = nodes.unsqueeze(0) ** powers.unsqueeze(1)
-        table[i, :h] = torch.linalg.solve(vandermonde, 1.0 / (powers + 1))
+        table[i, columns] = torch.linalg.solve(vandermonde, 1.0 / (powers + 1))
     return table
 
 
@@ -81,8 +105,7 @@ class Preset:
     row_sums = "one"
 
     def __post_init__(self) -> None:
-        if self.name not in PRESET_NAMES:
-            raise ValueError(f"unknown preset {self.name!r}; presets: {', '.join(PRESET_NAMES)}")
+        check_choice("preset", self.name, PRESET_NAMES)
 
     @property
     def order(self) -> int:
@@ -110,15 +133,10 @@ class TableCoefficients:
     row_sums: str = "one"
 
     def __post_init__(self) -> None:
-        if self.row_sums not in ROW_SUMS:
-            raise ValueError(f"unknown row_sums {self.row_sums!r}; choose one of {', '.join(ROW_SUMS)}")
+        check_choice("row_sums", self.row_sums, ROW_SUMS)
 
     def weights(self, sigmas: torch.Tensor, sigma_to_timestep: SigmaToTimestep | None = None) -> torch.Tensor:
         steps = len(sigmas) - 1
         if steps not in self.tables:
-            known = ", ".join(str(n) for n in sorted(self.tables))
-            raise ValueError(
-                f"this coefficient table has no weights for {steps} steps (it has {known}); "
-                "sample with one of those step counts, train a table that includes it, or use a preset"
-            )
+            raise UntrainedStepCount("table", steps, self.tables)
         return self.tables[steps].to(torch.float64).clone()

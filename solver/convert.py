@@ -16,6 +16,7 @@ from collections.abc import Mapping
 
 import torch
 
+from .errors import check_choice
 from .files import POLICY_TENSORS, save_coefficients
 from .policy import ConsistencyPolicy, PolicyCoefficients
 
@@ -59,8 +60,7 @@ def policy_from_checkpoint(path: str | os.PathLike) -> ConsistencyPolicy:
 
 def convert_released_policy(source: str | os.PathLike, destination: str | os.PathLike, preset: str = "sd15") -> None:
     """Write the released checkpoint as a coefficient file with the conditioning it was trained on."""
-    if preset not in RELEASED_POLICIES:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(RELEASED_POLICIES)}")
+    check_choice("preset", preset, tuple(RELEASED_POLICIES))
     released = RELEASED_POLICIES[preset]
     coefficients = PolicyCoefficients(
         policy=policy_from_checkpoint(source),

@@ -32,13 +32,15 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .coefficients import ROW_SUMS, TableCoefficients, row_sums_problem
+from .coefficients import ROW_SUMS, TableCoefficients, table_problem
+from .errors import UnknownChoice, check_choice
 from .policy import INFERENCE_MODES, ConsistencyPolicy, PolicyCoefficients
 from .schedules import StepSchedule, validate_positions
 from .time_features import TIME_FEATURE_KINDS
@@ -72,10 +74,33 @@ Coefficients = PolicyCoefficients | TableCoefficients
 
 
 class CoefficientFileError(ValueError):
-    """A coefficient file that cannot be used; the message names the file, the problem and the fix."""
+    """A coefficient file that cannot be used: the file, the problem and the fix (for a Python user)."""
 
     def __init__(self, path: str | os.PathLike, problem: str, fix: str):
-        super().__init__(f"coefficient file {os.fspath(path)!r}: {problem}. Fix: {fix}")
+        self.path, self.problem, self.fix = os.fspath(path), problem, fix
+        super().__init__(f"coefficient file {self.path!r}: {problem}. Fix: {fix}")
+
+
+_RETRAIN = "re-create it with `python -m consistency_solver.training` or the converter"
+
+
+class _Invalid(Exception):
+    """A problem found inside a readable file; load_coefficients adds the file's name."""
+
+    def __init__(self, problem: str, fix: str = _RETRAIN):
+        super().__init__(problem)
+        self.problem, self.fix = problem, fix
+
+
+@dataclass(frozen=True)
+class _StoredCoefficients:
+    """What a readable file holds once its common metadata is checked (schedule tensors already taken out)."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    order: int
+    trained_steps: tuple[int, ...]
+    schedule: StepSchedule | None
 
 
 def model_kind(model_family: str) -> str:
@@ -141,7 +166,6 @@ def load_coefficients(
 
     ``mode`` overrides a policy's stored inference mode (``mode`` = argmax, ``expectation`` = mean action).
     """
-    retrain = "re-create it with `python -m consistency_solver.training` or the converter"
     if not os.path.isfile(path):
         raise CoefficientFileError(path, "no such file", "check the path or put the file in models/consistency_solver/")
     try:
@@ -152,97 +176,117 @@ def load_coefficients(
         raise CoefficientFileError(
             path,
             f"not a readable safetensors file ({error})",
-            f"the file is damaged or of another format; {retrain}",
+            f"the file is damaged or of another format; {_RETRAIN}",
         ) from error
+    try:
+        stored = _stored_coefficients(tensors, metadata)
+        if stored.metadata["kind"] == "table":
+            return _table_from_file(stored)
+        return _policy_from_file(stored, mode, allow_untrained_steps)
+    except _Invalid as invalid:
+        raise CoefficientFileError(path, invalid.problem, invalid.fix) from None
 
-    def fail(problem: str, fix: str = retrain) -> None:
-        raise CoefficientFileError(path, problem, fix)
 
+def _stored_coefficients(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> _StoredCoefficients:
+    """Check what every file shares: format, version, kind, metadata keys, order, step counts, finite tensors."""
     if metadata.get("format") != FORMAT:
-        fail(
+        raise _Invalid(
             f"metadata 'format' is {metadata.get('format')!r}, not {FORMAT!r}",
             "this is not a ConsistencySolver coefficient file",
         )
     if metadata.get("format_version") != FORMAT_VERSION:
-        fail(
+        raise _Invalid(
             f"format version {metadata.get('format_version')!r} is not supported (this pack reads {FORMAT_VERSION!r})",
             "update the node pack, or re-export the file with this version",
         )
     kind = metadata.get("kind")
     if kind not in ("policy", "table"):
-        fail(f"unknown kind {kind!r} (expected 'policy' or 'table')")
+        raise _Invalid(f"unknown kind {kind!r} (expected 'policy' or 'table')")
     allowed = _POLICY_KEYS if kind == "policy" else _TABLE_KEYS
     missing, unknown = sorted(allowed - metadata.keys()), sorted(metadata.keys() - allowed)
     if missing or unknown:
-        fail(f"metadata keys missing {missing}, unknown {unknown}")
+        raise _Invalid(f"metadata keys missing {missing}, unknown {unknown}")
     if model_kind(metadata["model_family"]) not in MODEL_KINDS:
-        fail(f"model_family {metadata['model_family']!r} must be 'any' or end in -eps or -flow")
+        raise _Invalid(f"model_family {metadata['model_family']!r} must be 'any' or end in -eps or -flow")
     try:
         order = int(metadata["order"])
         trained_steps = tuple(int(n) for n in metadata["trained_steps"].split(","))
         json.loads(metadata["training"])
     except ValueError as error:
-        fail(f"malformed metadata ({error})")
+        raise _Invalid(f"malformed metadata ({error})") from None
+    except RecursionError:
+        raise _Invalid("the 'training' metadata is JSON nested too deeply to read") from None
     if order < 1 or any(n < 1 for n in trained_steps):
-        fail(f"order {order} and trained_steps {trained_steps} must be positive")
+        raise _Invalid(f"order {order} and trained_steps {trained_steps} must be positive")
     for name, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
-            fail(f"tensor {name!r} contains NaN or infinite values")
-    schedule = _schedule_from_file(tensors, trained_steps, fail)
-    if kind == "table":
-        return _table_from_file(path, tensors, metadata, order, trained_steps, fail, schedule)
-    return _policy_from_file(tensors, metadata, order, trained_steps, mode, allow_untrained_steps, fail, schedule)
+            raise _Invalid(f"tensor {name!r} contains NaN or infinite values")
+    schedule = _schedule_from_file(tensors, trained_steps)
+    return _StoredCoefficients(tensors, metadata, order, trained_steps, schedule)
 
 
-def _schedule_from_file(tensors, trained_steps, fail) -> StepSchedule | None:
+def _schedule_from_file(tensors: dict[str, torch.Tensor], trained_steps: tuple[int, ...]) -> StepSchedule | None:
     """Pop the ``schedule.N*`` tensors (all trained step counts, or none) into a StepSchedule."""
     names = sorted(name for name in tensors if name.startswith("schedule."))
     if not names:
         return None
     expected = sorted(f"schedule.N{n}" for n in trained_steps)
     if names != expected:
-        fail(f"schedule tensors {names} do not match trained_steps {trained_steps} (expected {expected})")
+        raise _Invalid(f"schedule tensors {names} do not match trained_steps {trained_steps} (expected {expected})")
     positions = {}
     for n in trained_steps:
         positions[n] = tensors.pop(f"schedule.N{n}").to(torch.float64)
         problem = validate_positions(positions[n], n)
         if problem:
-            fail(f"schedule.N{n}: {problem}")
+            raise _Invalid(f"schedule.N{n}: {problem}")
     return StepSchedule(positions)
 
 
-def _table_from_file(path, tensors, metadata, order, trained_steps, fail, schedule) -> TableCoefficients:
-    row_sums = metadata["row_sums"]
-    if row_sums not in ROW_SUMS:
-        fail(f"unknown row_sums {row_sums!r} (known: {', '.join(ROW_SUMS)})")
+def _known(what: str, value: str, choices: tuple[str, ...]) -> None:
+    try:
+        check_choice(what, value, choices)
+    except UnknownChoice as error:
+        raise _Invalid(str(error)) from None
+
+
+def _table_from_file(stored: _StoredCoefficients) -> TableCoefficients:
+    row_sums, order, trained_steps = stored.metadata["row_sums"], stored.order, stored.trained_steps
+    _known("row_sums", row_sums, ROW_SUMS)
     expected = {f"weights.N{n}" for n in trained_steps}
-    if set(tensors) != expected:
-        fail(f"tensors {sorted(tensors)} do not match trained_steps {trained_steps} (expected {sorted(expected)})")
+    if set(stored.tensors) != expected:
+        raise _Invalid(
+            f"tensors {sorted(stored.tensors)} do not match trained_steps {trained_steps} (expected {sorted(expected)})"
+        )
     tables = {}
     for n in trained_steps:
-        table = tensors[f"weights.N{n}"].to(torch.float64)
+        table = stored.tensors[f"weights.N{n}"].to(torch.float64)
         if table.shape != (n, order):
-            fail(f"weights.N{n} has shape {tuple(table.shape)}, expected {(n, order)}")
-        problem = row_sums_problem(table, row_sums)
+            raise _Invalid(f"weights.N{n} has shape {tuple(table.shape)}, expected {(n, order)}")
+        problem = table_problem(table, row_sums)
         if problem:
-            fail(f"rows of weights.N{n} {problem}")
+            raise _Invalid(f"rows of weights.N{n} {problem}")
         tables[n] = table
-    return TableCoefficients(tables=tables, order=order, metadata=metadata, schedule=schedule, row_sums=row_sums)
+    return TableCoefficients(
+        tables=tables, order=order, metadata=stored.metadata, schedule=stored.schedule, row_sums=row_sums
+    )
 
 
-def _policy_from_file(
-    tensors, metadata, order, trained_steps, mode, allow_untrained_steps, fail, schedule
-) -> PolicyCoefficients:
+def _policy_from_file(stored: _StoredCoefficients, mode: str | None, allow_untrained_steps: bool) -> PolicyCoefficients:
+    tensors, metadata, order = stored.tensors, stored.metadata, stored.order
     if set(tensors) != set(POLICY_TENSORS):
-        fail(f"policy tensors are {sorted(tensors)}, expected {sorted(POLICY_TENSORS)}")
-    if metadata["inference_mode"] not in INFERENCE_MODES:
-        fail(f"unknown inference_mode {metadata['inference_mode']!r} (known: {', '.join(INFERENCE_MODES)})")
-    if metadata["time_features"] not in TIME_FEATURE_KINDS:
-        fail(f"unknown time_features {metadata['time_features']!r} (known: {', '.join(TIME_FEATURE_KINDS)})")
+        raise _Invalid(f"policy tensors are {sorted(tensors)}, expected {sorted(POLICY_TENSORS)}")
+    _known("inference_mode", metadata["inference_mode"], INFERENCE_MODES)
+    _known("time_features", metadata["time_features"], TIME_FEATURE_KINDS)
     try:
         bins, hidden = int(metadata["bins"]), int(metadata["hidden"])
     except ValueError as error:
-        fail(f"malformed metadata ({error})")
+        raise _Invalid(f"malformed metadata ({error})") from None
+    if order < 2 or bins < 2 or hidden < 1:
+        raise _Invalid(
+            f"a policy needs order >= 2 (one free weight per step), bins >= 2 and hidden >= 1; this one has "
+            f"order {order}, bins {bins}, hidden {hidden}",
+            f"{_RETRAIN}; for order 1 (plain Euler steps) use the 'euler' preset instead",
+        )
     expected_shapes = {
         "mlp.0.weight": (hidden, 2),
         "mlp.0.bias": (hidden,),
@@ -255,16 +299,18 @@ def _policy_from_file(
     for name, shape in expected_shapes.items():
         if tuple(tensors[name].shape) != shape:
             actual = tuple(tensors[name].shape)
-            fail(f"tensor {name!r} has shape {actual}, expected {shape} (order={order}, bins={bins}, hidden={hidden})")
+            raise _Invalid(
+                f"tensor {name!r} has shape {actual}, expected {shape} (order={order}, bins={bins}, hidden={hidden})"
+            )
     policy = ConsistencyPolicy(order=order, bins=bins, hidden=hidden, action_values=tensors["action_values"])
     policy.load_state_dict({name: tensor.float() for name, tensor in tensors.items()})
     policy.eval()
     return PolicyCoefficients(
         policy=policy,
         time_features=metadata["time_features"],
-        trained_steps=trained_steps,
+        trained_steps=stored.trained_steps,
         mode=mode or metadata["inference_mode"],
         allow_untrained_steps=allow_untrained_steps,
         metadata=metadata,
-        schedule=schedule,
+        schedule=stored.schedule,
     )

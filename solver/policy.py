@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .coefficients import history_lengths
+from .errors import UnknownChoice, UntrainedStepCount, check_choice
 from .schedules import StepSchedule
 from .time_features import SigmaToTimestep, time_features
 
@@ -72,7 +73,7 @@ class ConsistencyPolicy(nn.Module):
             return self.action_values.expand(*logits.shape[:-1], -1).gather(-1, index).squeeze(-1)
         if mode == "expectation":
             return (logits.softmax(dim=-1) * self.action_values).sum(dim=-1)
-        raise ValueError(f"unknown inference mode {mode!r}; modes: {', '.join(INFERENCE_MODES)}")
+        raise UnknownChoice("inference mode", mode, INFERENCE_MODES)
 
 
 def actions_to_weights(actions: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
@@ -113,8 +114,7 @@ class PolicyCoefficients:
     row_sums = "one"  # the paper's rule: every row sums to 1
 
     def __post_init__(self) -> None:
-        if self.mode not in INFERENCE_MODES:
-            raise ValueError(f"unknown inference mode {self.mode!r}; modes: {', '.join(INFERENCE_MODES)}")
+        check_choice("inference mode", self.mode, INFERENCE_MODES)
 
     @property
     def order(self) -> int:
@@ -124,20 +124,9 @@ class PolicyCoefficients:
     def weights(self, sigmas: torch.Tensor, sigma_to_timestep: SigmaToTimestep | None = None) -> torch.Tensor:
         steps = len(sigmas) - 1
         if steps and steps not in self.trained_steps and not self.allow_untrained_steps:
-            raise ValueError(
-                f"this policy was trained for {_describe_steps(self.trained_steps)} steps, not {steps}; "
-                f"sample with {_describe_steps(self.trained_steps)} steps, retrain it with {steps} included, "
-                "or allow untrained step counts explicitly (allow_untrained_steps=True)"
-            )
+            raise UntrainedStepCount("policy", steps, self.trained_steps)
         features = time_features(sigmas, self.time_features, sigma_to_timestep)
         device = self.policy.action_values.device
         logits = self.policy(features.float().to(device))
         actions = self.policy.actions(logits, self.mode).to("cpu", torch.float64)
         return actions_to_weights(actions, history_lengths(steps, self.order))
-
-
-def _describe_steps(steps: tuple[int, ...]) -> str:
-    ordered = sorted(steps)
-    if ordered and ordered == list(range(ordered[0], ordered[-1] + 1)):
-        return f"{ordered[0]}-{ordered[-1]}"
-    return ", ".join(str(n) for n in ordered)

@@ -8,28 +8,39 @@ from typing import Any
 import torch
 from tqdm.auto import trange
 
-from .coefficients import CoefficientSource, row_sums_problem
+from .coefficients import CoefficientSource, table_problem
+from .errors import InvalidWeights
+
+
+def append_dims(tensor: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Trailing singleton dimensions up to ``ndim``, so a per-sample value broadcasts over a latent (k-diffusion)."""
+    return tensor[(...,) + (None,) * (ndim - tensor.ndim)]
 
 
 def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
-    """dx/dsigma of the probability-flow ODE; for EPS models the noise estimate, for flow the velocity."""
-    return (x - denoised) / sigma
+    """dx/dsigma of the probability-flow ODE; for EPS models the noise estimate, for flow the velocity.
+
+    ``sigma`` is a number, a scalar tensor or one sigma per sample ([batch]).
+    """
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    return (x - denoised) / append_dims(sigma, x.ndim)
 
 
 def coefficient_table(
     coefficients: CoefficientSource, sigmas: torch.Tensor, model_sampling: Any = None
 ) -> torch.Tensor:
-    """The run's [steps, order] weights, checked once before sampling starts."""
+    """The run's [steps, order] weights, checked once before sampling starts (InvalidWeights when unusable)."""
     sigma_to_timestep = getattr(model_sampling, "timestep", None)
     table = coefficients.weights(sigmas, sigma_to_timestep)
     steps = len(sigmas) - 1
     if table.shape != (steps, coefficients.order):
-        raise ValueError(f"coefficient table has shape {tuple(table.shape)}, expected {(steps, coefficients.order)}")
+        raise InvalidWeights(f"has shape {tuple(table.shape)}, expected {(steps, coefficients.order)}")
     if not torch.isfinite(table).all():
-        raise ValueError("coefficient table contains NaN or infinite weights")
-    problem = row_sums_problem(table, coefficients.row_sums)
+        problem = "the sigmas are not all finite" if not torch.isfinite(sigmas).all() else "for these sigmas"
+        raise InvalidWeights(f"contains NaN or infinite weights ({problem})")
+    problem = table_problem(table, coefficients.row_sums)
     if problem:
-        raise ValueError(f"coefficient rows {problem}")
+        raise InvalidWeights(f"rows {problem}")
     return table
 
 
@@ -50,7 +61,10 @@ def sample_consistency_solver(
     A linear multistep step on dx/dsigma = d with per-step weights from ``coefficients`` (a preset, a
     policy or a table). Because ``model`` returns ``denoised``, the same rule serves EPS, V-prediction
     and flow (CONST) models. The last step to sigma = 0 is a normal step (the blended x0 estimate).
-    The history is kept and combined in float32 whatever the dtype of ``x``.
+    A zero-length step (a repeated sigma, or ``0, 0`` at the end) moves nothing and calls no model: the
+    derivative at its point is the one the next step evaluates (same x, same sigma), and enters the
+    history once per step as the table expects. The history is kept and combined in float32 whatever
+    the dtype of ``x``.
     ``model_sampling`` (anything with ``.timestep(sigma)``) is needed only by timestep-conditioned policies.
     """
     extra_args = {} if extra_args is None else extra_args
@@ -58,7 +72,12 @@ def sample_consistency_solver(
     s_in = x.new_ones([x.shape[0]])
     state = x.float()
     history: list[torch.Tensor] = []
+    zero_length = (sigmas[1:] == sigmas[:-1]).tolist()
+    skipped = 0  # zero-length steps since the last model call
     for i in trange(len(sigmas) - 1, disable=disable):
+        if zero_length[i]:
+            skipped += 1
+            continue
         denoised = model(state.to(x.dtype), sigmas[i] * s_in, **extra_args)
         if callback is not None:
             callback(
@@ -70,9 +89,12 @@ def sample_consistency_solver(
                     "denoised": denoised,
                 }
             )
-        history = [to_d(state, sigmas[i].float(), denoised.float()), *history[: len(table[i]) - 1]]
+        derivative = to_d(state, sigmas[i].float(), denoised.float())
+        history = ([derivative] * (skipped + 1) + history)[: len(table[i])]
+        skipped = 0
         blended = history[0] * table[i][0]
-        for weight, derivative in zip(table[i][1:], history[1:], strict=False):
-            blended = blended + weight * derivative
+        # Weights past the available history are 0 (coefficient_table checks), so zip may stop early.
+        for weight, older in zip(table[i][1:], history[1:], strict=False):
+            blended = blended + weight * older
         state = state + (sigmas[i + 1] - sigmas[i]).float() * blended
     return state.to(x.dtype)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import UntrainedStepCount
+
 
 class DiscreteSchedule:
     """The 1000-step discrete schedule of SD1.x/SDXL in sigma form (sigma_t = sqrt((1 - abar_t) / abar_t)).
@@ -105,11 +107,7 @@ class StepSchedule:
     def sigmas(self, steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
         """The schedule of ``steps`` steps for a model whose sigmas span [sigma_min, sigma_max], ending in 0."""
         if steps not in self.positions:
-            trained = ", ".join(str(n) for n in sorted(self.positions))
-            raise ValueError(
-                f"the learned schedule covers {trained} steps, not {steps}; use one of those step counts or "
-                "another scheduler"
-            )
+            raise UntrainedStepCount("schedule", steps, self.positions)
         return sigmas_from_positions(self.positions[steps].to(torch.float64), sigma_min, sigma_max)
 
 

@@ -19,6 +19,8 @@ from collections.abc import Callable
 
 import torch
 
+from .errors import check_choice
+
 TIME_FEATURE_KINDS = ("sd15_timestep", "sigma", "log_sigma")
 LOG_SIGMA_FLOOR = 1e-3
 
@@ -27,8 +29,7 @@ SigmaToTimestep = Callable[[torch.Tensor], torch.Tensor]
 
 def time_features(sigmas: torch.Tensor, kind: str, sigma_to_timestep: SigmaToTimestep | None = None) -> torch.Tensor:
     """Return the policy input for every step of a run: a float64 CPU tensor of shape [steps, 2]."""
-    if kind not in TIME_FEATURE_KINDS:
-        raise ValueError(f"unknown time-feature kind {kind!r}; known kinds: {', '.join(TIME_FEATURE_KINDS)}")
+    check_choice("time-feature kind", kind, TIME_FEATURE_KINDS)
     sigmas = sigmas.detach().to("cpu", torch.float64)
     steps = len(sigmas) - 1
     if kind == "sigma":

@@ -162,7 +162,7 @@ def test_inference_mode_and_untrained_steps_reach_the_policy(tmp_path):
     assert stored.mode == "mode"
     assert resolve_coefficients(CoefficientSelection("p", "expectation"), "eps", locate).mode == "expectation"
     six_steps = torch.linspace(14.6, 0.0, 7, dtype=torch.float64)
-    with pytest.raises(ValueError, match="trained for 4-4 steps, not 6"):
+    with pytest.raises(ValueError, match="trained for 4 steps, not 6"):
         stored.weights(six_steps)
     relaxed = resolve_coefficients(CoefficientSelection("p", allow_untrained_steps=True), "eps", locate)
     assert relaxed.weights(six_steps).shape == (6, 3)

@@ -17,6 +17,7 @@ from consistency_solver.solver import (
     load_coefficients,
     save_coefficients,
 )
+from consistency_solver.solver.errors import UntrainedStepCount
 from consistency_solver.solver.files import FORMAT
 from consistency_solver.solver.schedules import karras_sigmas, schedule_positions, sigmas_from_positions
 
@@ -177,6 +178,42 @@ def test_free_row_sums_table_round_trip_and_validation(tmp_path):
         load_coefficients(rewrite(path, row_sums="one"))
 
 
+def test_deeply_nested_training_metadata_is_a_file_error(policy_file):
+    nested = "[" * 100_000 + "]" * 100_000
+    with pytest.raises(
+        CoefficientFileError, match=r"broken.safetensors.*'training' metadata is JSON nested too deeply"
+    ):
+        load_coefficients(rewrite(policy_file, training=nested))
+
+
+def test_a_table_row_weighing_a_derivative_that_does_not_exist_yet_is_refused(tmp_path):
+    path = tmp_path / "table.safetensors"
+    save_coefficients(path, two_step_table(), model_family="flow")
+    early = torch.tensor([[0.5, 0.5], [1.5, -0.5]], dtype=torch.float64)
+    with pytest.raises(
+        CoefficientFileError,
+        match=r"broken.safetensors.*rows of weights.N2 put weight on derivatives that do not exist yet \(row 0",
+    ):
+        load_coefficients(rewrite(path, {"weights.N2": early}))
+
+
+@pytest.mark.parametrize("order, bins", [(1, 11), (4, 1)])
+def test_a_policy_with_order_or_bins_below_two_names_the_file_and_the_fix(tmp_path, order, bins):
+    path = tmp_path / "policy.safetensors"
+    save_coefficients(path, trained_policy(order=2, bins=2), model_family="any")
+    free, grid = order - 1, bins
+    tensors = {
+        "mlp.4.weight": torch.zeros(free * grid, 32),
+        "mlp.4.bias": torch.zeros(free * grid),
+        "action_values": torch.zeros(free, grid),
+    }
+    broken = rewrite(path, tensors, order=str(order), bins=str(bins))
+    with pytest.raises(
+        CoefficientFileError, match=rf"broken.safetensors.*order {order}, bins {bins}, hidden 32.*Fix: .*'euler' preset"
+    ):
+        load_coefficients(broken)
+
+
 def test_table_shape_must_match_its_step_count(tmp_path):
     path = tmp_path / "table.safetensors"
     save_coefficients(path, two_step_table(), model_family="flow")
@@ -249,8 +286,9 @@ def test_schedule_must_cover_every_trained_step_count(scheduled_file):
 
 
 def test_schedule_refuses_untrained_step_counts():
-    with pytest.raises(ValueError, match="covers 3, 4 steps, not 6; use one of those step counts or another scheduler"):
+    with pytest.raises(UntrainedStepCount, match="schedule was trained for 3, 4 steps, not 6") as error:
         learned_schedule().sigmas(6, 0.03, 14.6)
+    assert (error.value.what, error.value.asked, error.value.trained) == ("schedule", 6, (3, 4))
 
 
 def test_positions_invert_sigmas():

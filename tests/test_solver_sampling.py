@@ -16,7 +16,9 @@ from consistency_solver.solver import (
     coefficient_table,
     sample_consistency_solver,
     time_features,
+    to_d,
 )
+from consistency_solver.solver.errors import InvalidWeights, UnknownChoice, UntrainedStepCount, check_choice
 from consistency_solver.solver.schedules import DiscreteSchedule, karras_sigmas
 
 MEAN, STD = 0.3, 1.5
@@ -207,8 +209,9 @@ def test_extra_args_reach_the_model():
 def test_table_coefficients_refuse_step_counts_they_do_not_have():
     table = TableCoefficients({2: torch.tensor([[1.0, 0.0], [1.5, -0.5]], dtype=torch.float64)}, order=2)
     sample(table, torch.tensor([3.0, 1.0, 0.0]), torch.randn(1, 2))
-    with pytest.raises(ValueError, match="no weights for 3 steps.*train a table"):
+    with pytest.raises(UntrainedStepCount, match="table was trained for 2 steps, not 3") as error:
         sample(table, torch.tensor([3.0, 2.0, 1.0, 0.0]), torch.randn(1, 2))
+    assert (error.value.what, error.value.asked, error.value.trained) == ("table", 3, (2,))
 
 
 def test_a_table_that_does_not_sum_to_one_is_refused_before_sampling():
@@ -241,8 +244,10 @@ def test_free_row_sums_must_be_positive_and_named():
 
 def test_policy_refuses_untrained_step_counts_unless_allowed():
     policy = PolicyCoefficients(ConsistencyPolicy(order=3, bins=5, hidden=8), "log_sigma", (4, 5, 6))
-    with pytest.raises(ValueError, match="trained for 4-6 steps, not 9.*allow_untrained_steps"):
+    with pytest.raises(UntrainedStepCount, match="trained for 4-6 steps, not 9") as error:
         policy.weights(karras_sigmas(9, 0.03, 14.6))
+    assert (error.value.what, error.value.asked, error.value.trained) == ("policy", 9, (4, 5, 6))
+    assert "allow_untrained_steps" not in str(error.value)
     allowed = PolicyCoefficients(policy.policy, "log_sigma", (4, 5, 6), allow_untrained_steps=True)
     assert allowed.weights(karras_sigmas(9, 0.03, 14.6)).shape == (9, 3)
 
@@ -269,3 +274,71 @@ def test_cuda_matches_cpu():
     cpu = sample(Preset("ab4"), sigmas, x)
     gpu = sample(Preset("ab4"), sigmas.cuda(), x.cuda())
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("preset", ["euler", "ab2", "ab3", "ab4", "ipndm"])
+def test_repeated_sigmas_are_no_op_steps_and_multistep_presets_fall_to_the_distinct_ones(preset):
+    """A repeated sigma is a zero-length step: nothing moves and the model is not called. Adams-Bashforth counts
+    a sigma repeated in its history once, so right after the repeats it falls to the distinct sigmas it has."""
+    sigmas = karras_sigmas(6, 0.0292, 14.6146)
+    repeated = torch.cat([sigmas[:3], sigmas[2:3], sigmas[2:3], sigmas[3:]])  # sigma_2 three times
+    table = Preset(preset).weights(repeated)
+    assert torch.isfinite(table).all()
+    if preset.startswith("ab"):  # row 4 (sigma_2 -> sigma_3) weighs one derivative per distinct sigma in its window
+        window = repeated[5 - table.shape[1] : 5].tolist()
+        assert int((table[4] != 0).sum()) == len(set(window)) < table.shape[1]
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * float(sigmas[0])
+    calls = []
+
+    def counting(x, sigma):
+        calls.append(float(sigma[0]))
+        return gaussian_denoiser(x, sigma)
+
+    out = sample_consistency_solver(counting, x, repeated, disable=True, coefficients=Preset(preset))
+    assert calls == sigmas[:-1].tolist()
+
+    def rmse(result):
+        return result.sub(exact_final(x, float(sigmas[0]))).pow(2).mean().sqrt().item()
+
+    if preset == "euler":
+        assert torch.equal(out, sample(Preset("euler"), sigmas, x))
+    else:  # still more accurate than Euler on the same sigmas
+        assert rmse(out) < 0.9 * rmse(sample(Preset("euler"), sigmas, x))
+
+
+def test_sigmas_ending_in_two_zeros_finish_like_one_zero():
+    sigmas = karras_sigmas(6, 0.0292, 14.6146)
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * float(sigmas[0])
+    for preset in ("euler", "ab4"):
+        doubled = sample(Preset(preset), torch.cat([sigmas, sigmas.new_zeros(1)]), x)
+        torch.testing.assert_close(doubled, sample(Preset(preset), sigmas, x))
+
+
+def test_a_table_row_weighing_a_derivative_that_does_not_exist_yet_is_refused_by_the_sampler():
+    table = TableCoefficients({2: torch.tensor([[0.5, 0.5], [1.5, -0.5]], dtype=torch.float64)}, order=2)
+    with pytest.raises(InvalidWeights, match=r"derivatives that do not exist yet \(row 0: \[0.5, 0.5\], 1 exist"):
+        sample(table, torch.tensor([3.0, 1.0, 0.0]), torch.randn(1, 2))
+
+
+def test_non_finite_sigmas_are_named_in_the_weights_problem():
+    with pytest.raises(InvalidWeights, match="the sigmas are not all finite"):
+        coefficient_table(Preset("ab2"), torch.tensor([3.0, float("nan"), 0.0]))
+
+
+def test_to_d_broadcasts_a_per_sample_sigma_over_the_latent():
+    x = torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(6))
+    denoised = torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(7))
+    sigma = torch.tensor([0.5, 2.0, 8.0])
+    expected = torch.stack([(x[b] - denoised[b]) / sigma[b] for b in range(3)])
+    torch.testing.assert_close(to_d(x, sigma, denoised), expected)
+    torch.testing.assert_close(to_d(x, torch.tensor(2.0), denoised), (x - denoised) / 2.0)
+    torch.testing.assert_close(to_d(x, 2.0, denoised), (x - denoised) / 2.0)
+
+
+def test_one_choice_check_with_one_wording():
+    check_choice("preset", "ab2", ("ab2", "ab3"))
+    with pytest.raises(UnknownChoice, match=r"^unknown preset 'ab9'; choose one of ab2, ab3$") as error:
+        check_choice("preset", "ab9", ("ab2", "ab3"))
+    assert (error.value.what, error.value.value, error.value.choices) == ("preset", "ab9", ("ab2", "ab3"))
+    with pytest.raises(UnknownChoice, match="unknown preset 'heun'"):
+        Preset("heun")

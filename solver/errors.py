@@ -1,0 +1,51 @@
+"""Problems as data: each exception carries the facts of what was wrong, and a plain default message.
+
+They are raised where a problem is found; whoever meets the user (the ComfyUI nodes, the trainer's
+command line) words them for what that user can change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+
+def format_steps(counts: Iterable[int]) -> str:
+    """``4, 5, 8`` or, for more than two counts without gaps, ``4-12``: how every message lists step counts."""
+    ordered = sorted(counts)
+    if len(ordered) > 2 and ordered == list(range(ordered[0], ordered[-1] + 1)):
+        return f"{ordered[0]}-{ordered[-1]}"
+    return ", ".join(str(n) for n in ordered)
+
+
+class UnknownChoice(ValueError):
+    """A value that is not one of the allowed choices."""
+
+    def __init__(self, what: str, value: object, choices: Sequence[object]):
+        self.what, self.value, self.choices = what, value, tuple(choices)
+        super().__init__(f"unknown {what} {value!r}; choose one of {', '.join(str(c) for c in self.choices)}")
+
+
+def check_choice(what: str, value: object, choices: Sequence[object]) -> None:
+    """Raise UnknownChoice unless ``value`` is one of ``choices`` (``what`` names the setting in the message)."""
+    if value not in choices:
+        raise UnknownChoice(what, value, choices)
+
+
+class UntrainedStepCount(ValueError):
+    """Coefficients (``what`` = ``policy`` or ``table``) or a learned schedule (``schedule``) asked for a step
+    count they were not trained for."""
+
+    def __init__(self, what: str, asked: int, trained: Iterable[int]):
+        self.what, self.asked, self.trained = what, asked, tuple(sorted(trained))
+        super().__init__(
+            f"this {what} was trained for {format_steps(self.trained)} steps, not {asked}; "
+            "sample with one of the trained step counts"
+        )
+
+
+class InvalidWeights(ValueError):
+    """A run's weight table that the sampler cannot use (``problem`` says why)."""
+
+    def __init__(self, problem: str):
+        self.problem = problem
+        super().__init__(f"the coefficient table {problem}")
