@@ -16,8 +16,17 @@ from pathlib import Path
 
 import torch
 
-from ..solver import PRESET_NAMES, CoefficientSource, Preset, load_coefficients, model_kind
-from ..solver.defaults import BUNDLED_DIR, DEFAULT_FILE_COMMANDS, default_file_name
+from ..solver import (
+    PRESET_NAMES,
+    CoefficientSource,
+    PolicyCoefficients,
+    Preset,
+    TableCoefficients,
+    check_choice,
+    load_coefficients,
+    model_kind,
+)
+from ..solver.defaults import BUNDLED_DIR, default_file_name
 
 FOLDER_NAME = "consistency_solver"  # models/consistency_solver/ in ComfyUI's folder_paths
 AUTO = "auto"
@@ -25,7 +34,6 @@ STORED_MODE = "as stored in the file"
 INFERENCE_MODE_CHOICES = (STORED_MODE, "mode", "expectation")
 MODEL_KINDS = ("eps", "flow")
 SCHEDULER_NAME = "consistency_solver"  # the learned schedule, as a node and in ComfyUI's scheduler lists
-TRAIN_SCHEDULE_COMMAND = "python -m consistency_solver.training --mode direct --schedule learned"
 
 Locate = Callable[[str], str]
 
@@ -39,8 +47,22 @@ class CoefficientSelection:
     allow_untrained_steps: bool = False
 
     def __post_init__(self) -> None:
-        if self.mode not in INFERENCE_MODE_CHOICES:
-            raise ValueError(f"unknown inference mode {self.mode!r}; choose one of {', '.join(INFERENCE_MODE_CHOICES)}")
+        check_choice("inference mode", self.mode, INFERENCE_MODE_CHOICES)
+
+
+class WrongModelFamily(ValueError):
+    """A coefficient file made for one model family (``file_kind``) chosen for a model of the other (``kind``)."""
+
+    def __init__(self, path: str | os.PathLike, file_kind: str, kind: str):
+        self.path, self.file_kind, self.kind = os.fspath(path), file_kind, kind
+        super().__init__(f"coefficient file {self.path!r} was made for {file_kind} models, not {kind} models")
+
+
+class NoLearnedSchedule(ValueError):
+    """The learned schedule was asked of coefficients that carry none."""
+
+    def __init__(self) -> None:
+        super().__init__("these coefficients carry no learned schedule")
 
 
 def default_coefficient_path(kind: str) -> Path:
@@ -54,19 +76,13 @@ def coefficient_choices(file_names: list[str]) -> list[str]:
 
 
 def resolve_coefficients(selection: CoefficientSelection, kind: str, locate: Locate) -> CoefficientSource:
-    """The coefficient source for a model of ``kind`` (``eps`` or ``flow``), refusing a file made for the other."""
+    """The coefficient source for a model of ``kind`` (``eps`` or ``flow``), refusing a file made for the other.
+
+    Raises CoefficientFileError (from ``locate`` or the loader) or WrongModelFamily.
+    """
     if selection.choice in PRESET_NAMES:
         return Preset(selection.choice)
-    if selection.choice == AUTO:
-        path = default_coefficient_path(kind)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"the pack's default coefficients for {kind} models, {path}, are missing. Fix: create them with "
-                f"`{DEFAULT_FILE_COMMANDS[kind]}`, or pick a coefficient file or a preset in the "
-                "SamplerConsistencySolver / Consistency Solver Coefficients node instead of 'auto'"
-            )
-    else:
-        path = Path(locate(selection.choice))
+    path = default_coefficient_path(kind) if selection.choice == AUTO else Path(locate(selection.choice))
     coefficients = _load_cached(os.fspath(path), selection.mode, selection.allow_untrained_steps)
     check_model_kind(coefficients.metadata["model_family"], kind, path)
     return coefficients
@@ -76,11 +92,7 @@ def check_model_kind(model_family: str, kind: str, path: str | os.PathLike) -> N
     """Refuse an ``*-eps`` file for a flow model and a ``*-flow`` file for an EPS/V-prediction model."""
     file_kind = model_kind(model_family)
     if file_kind not in ("any", kind):
-        raise ValueError(
-            f"coefficient file {os.fspath(path)!r} was made for {file_kind} models (model_family "
-            f"{model_family!r}), but this model is a {kind} model. Fix: choose a file made for {kind} models "
-            f"(or 'any'), 'auto', or a preset"
-        )
+        raise WrongModelFamily(path, file_kind, kind)
 
 
 _cache: dict[tuple, CoefficientSource] = {}
@@ -114,12 +126,12 @@ def file_fingerprint(choice: str, locate: Locate) -> str:
 
 
 def describe_choice(choice: str, kind: str) -> str:
-    """How an error message names a coefficient choice for a model of ``kind``."""
+    """How a message names a coefficient choice for a model of ``kind``."""
     if choice in PRESET_NAMES:
-        return f"the preset {choice!r}"
+        return f"the preset '{choice}'"
     if choice == AUTO:
-        return f"the pack's default coefficients for {kind} models ({default_file_name(kind)})"
-    return f"coefficient file {choice!r}"
+        return f"the pack's default coefficient file {default_file_name(kind)}"
+    return f"the coefficient file '{choice}'"
 
 
 def schedule_steps(steps: int, denoise: float) -> int:
@@ -127,52 +139,40 @@ def schedule_steps(steps: int, denoise: float) -> int:
     return steps if denoise >= 1.0 else int(steps / denoise)
 
 
+def trained_step_counts(source: CoefficientSource) -> tuple[int, ...] | None:
+    """The step counts a source runs: a table's own, a policy's trained ones (unless it allows others), or
+    None for any count (presets, a policy allowed untrained counts)."""
+    if isinstance(source, TableCoefficients):
+        return tuple(sorted(source.tables))
+    if isinstance(source, PolicyCoefficients) and not source.allow_untrained_steps:
+        return tuple(sorted(source.trained_steps))
+    return None
+
+
+def runnable_steps(source: CoefficientSource, denoise: float, learned_schedule: bool, coefficients: bool) -> list[int]:
+    """The step counts a node can set: trained for the coefficients (when ``coefficients`` sample the run) and,
+    on the learned schedule, with ``steps / denoise`` a count the schedule was learned for."""
+    counts = trained_step_counts(source) if coefficients else None
+    if learned_schedule:
+        schedule = sorted(source.schedule.positions) if source.schedule is not None else []
+        candidates = range(1, max(schedule, default=0) + 1) if counts is None else counts
+        return [n for n in candidates if schedule_steps(n, denoise) in schedule]
+    return list(counts or [])
+
+
 def learned_sigmas(
-    source: CoefficientSource,
-    steps: int,
-    denoise: float,
-    sigma_min: float,
-    sigma_max: float,
-    described_as: str,
-    steps_note: str = "",
-    by_name: bool = False,
+    source: CoefficientSource, steps: int, denoise: float, sigma_min: float, sigma_max: float
 ) -> torch.Tensor:
     """The SIGMAS of a source's learned schedule for a model spanning [sigma_min, sigma_max] (float32, CPU).
 
     ``denoise`` < 1 works as in BasicScheduler: the schedule of ``int(steps / denoise)`` steps, of which the
-    last ``steps + 1`` sigmas are kept, so that total must be a trained step count. ``denoise`` <= 0 gives
-    no sigmas (no steps), as in BasicScheduler. ``described_as`` names the source in errors, ``steps_note``
-    says how the caller counted the steps, ``by_name`` that it came from a scheduler list (no file choice).
+    last ``steps + 1`` sigmas are kept, so that total must be a trained step count (UntrainedStepCount
+    otherwise). ``denoise`` <= 0 gives no sigmas (no steps), as in BasicScheduler. NoLearnedSchedule when the
+    source has none.
     """
     if denoise <= 0.0:
         return torch.zeros(0)
-    other_schedulers = "or use another scheduler (simple, karras, ...) with the consistency_solver sampler"
     if source.schedule is None:
-        where = (
-            "by name only the default file is read: use the Consistency Solver Scheduler node with"
-            if by_name
-            else "choose"
-        )
-        raise ValueError(
-            f"the {SCHEDULER_NAME} scheduler reads the schedule learned with the coefficients, but there is "
-            f"none in {described_as}. Fix: {where} a coefficient file trained with a schedule "
-            f"(`{TRAIN_SCHEDULE_COMMAND}`), {other_schedulers}"
-        )
-    total = schedule_steps(steps, denoise)
-    trained = sorted(source.schedule.positions)
-    if total not in trained:
-        asked = f"{total} steps" if total == steps else f"{total} steps ({steps} steps at denoise {denoise:g})"
-        raise ValueError(
-            f"the learned schedule of {described_as} covers {_step_counts(trained)} steps, not {asked}{steps_note}. "
-            f"Fix: pick a trained step count, train a schedule for {total} steps (`{TRAIN_SCHEDULE_COMMAND} "
-            f"--steps ...`), {other_schedulers}"
-        )
-    sigmas = source.schedule.sigmas(total, float(sigma_min), float(sigma_max))
+        raise NoLearnedSchedule()
+    sigmas = source.schedule.sigmas(schedule_steps(steps, denoise), float(sigma_min), float(sigma_max))
     return sigmas[-(steps + 1) :].to(torch.float32)
-
-
-def _step_counts(counts: list[int]) -> str:
-    """``4, 5, 6, 8`` or, for a run without gaps, ``4-12``."""
-    if len(counts) > 2 and counts == list(range(counts[0], counts[-1] + 1)):
-        return f"{counts[0]}-{counts[-1]}"
-    return ", ".join(str(n) for n in counts)

@@ -13,12 +13,12 @@ from .coefficients import (
     INFERENCE_MODE_CHOICES,
     SCHEDULER_NAME,
     STORED_MODE,
-    TRAIN_SCHEDULE_COMMAND,
     CoefficientSelection,
     coefficient_choices,
     file_fingerprint,
 )
-from .preview_state import DEFAULT_REFINE_SAMPLER, SELECT_ALL
+from .messages import SAMPLER_NODE
+from .preview_state import DEFAULT_REFINE_SAMPLER, SELECT_ALL, PreviewRequest, RefineRequest
 
 CATEGORY = "sampling/consistency_solver"
 SCHEDULER_CATEGORY = "sampling/custom_sampling/schedulers"  # beside BasicScheduler and KarrasScheduler
@@ -29,6 +29,10 @@ PREVIEW_STATE_TYPE = "PREVIEW_STATE"
 PREVIEW_SCHEDULER = SCHEDULER_NAME
 REFINE_SCHEDULER = "simple"
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
+# The most steps any shipped or converted coefficients run (the pack's defaults 4-12, the paper's SD1.5 policy
+# 2-15): a preview is a few-step draft, and its coefficients refuse other counts anyway.
+PREVIEW_STEPS_MAX = 15
+SCHEDULE_STEPS_MAX = 100  # learned schedules are for few-step runs
 
 
 def scheduler_names() -> list[str]:
@@ -54,9 +58,9 @@ def _coefficient_widget() -> tuple[list[str], dict[str, Any]]:
         coefficient_choices(coefficient_file_names()),
         {
             "default": "auto",
-            "tooltip": "Which solver coefficients to use. 'auto' = the pack's trained default for this model's "
-            "family (EPS/V-prediction or flow). Files come from models/consistency_solver/ and the pack; "
-            "euler, ab2-ab4 and ipndm are classic untrained solvers for comparison.",
+            "tooltip": "Which solver coefficients to use. 'auto' = the pack's trained default for this kind of "
+            "model (SD1.5/SDXL-type, or flow models such as SD3 and Flux). Files come from "
+            "models/consistency_solver/; euler, ab2-ab4 and ipndm are classic untrained solvers for comparison.",
         },
     )
 
@@ -76,8 +80,8 @@ def _selection_widgets() -> dict[str, tuple]:
             "BOOLEAN",
             {
                 "default": False,
-                "tooltip": "A learned policy refuses step counts it was not trained for. Turn on to run it anyway "
-                "(quality is then unknown).",
+                "tooltip": "Trained coefficients refuse step counts they were not trained for. Turn on to run "
+                "them anyway (quality is then unknown); files holding fixed weights per step count still refuse.",
             },
         ),
     }
@@ -94,7 +98,7 @@ def _loaded_coefficients_input() -> dict[str, tuple]:
 
 def _model_inputs() -> dict[str, tuple]:
     return {
-        "model": ("MODEL", {"tooltip": "The diffusion model (SD1.5, SDXL, V-prediction or flow models like Flux)."}),
+        "model": ("MODEL", {"tooltip": "The diffusion model (SD1.5, SDXL, SD3, Flux, ...)."}),
         "positive": ("CONDITIONING", {"tooltip": "What the image should show."}),
         "negative": ("CONDITIONING", {"tooltip": "What the image should avoid."}),
     }
@@ -161,14 +165,14 @@ class SamplerConsistencySolver:
         self, coefficients: str, inference_mode: str, allow_untrained_steps: bool, loaded_coefficients: Any = None
     ) -> tuple[Any]:
         selection = _selection(coefficients, inference_mode, allow_untrained_steps, loaded_coefficients)
-        return (_runtime().consistency_sampler(selection),)
+        return (_runtime().consistency_sampler(selection, SAMPLER_NODE),)
 
 
 class ConsistencySolverScheduler:
     DESCRIPTION = (
-        "SIGMAS from the schedule learned together with ConsistencySolver coefficients (the "
-        f"'{SCHEDULER_NAME}' scheduler, with a coefficient choice). Needs a file trained with a schedule "
-        f"(`{TRAIN_SCHEDULE_COMMAND}`) and one of its trained step counts."
+        "Noise levels (SIGMAS) from the schedule learned together with ConsistencySolver coefficients: the "
+        f"'{SCHEDULER_NAME}' scheduler with a coefficient choice. It needs coefficients that carry a learned "
+        "schedule (the pack's defaults do, for 4-12 steps) and one of the step counts they were trained for."
     )
     CATEGORY = SCHEDULER_CATEGORY
     RETURN_TYPES = ("SIGMAS",)
@@ -179,15 +183,19 @@ class ConsistencySolverScheduler:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model: its sigma range and family (EPS or flow)."}),
+                "model": (
+                    "MODEL",
+                    {"tooltip": "The diffusion model: the schedule is placed in its range of noise levels."},
+                ),
                 "steps": (
                     "INT",
                     {
                         "default": 8,
                         "min": 1,
-                        "max": 10000,
-                        "tooltip": "Sampling steps; the file must have a schedule for this count (steps / denoise "
-                        "when denoise < 1). The error lists the trained counts.",
+                        "max": SCHEDULE_STEPS_MAX,
+                        "tooltip": "Sampling steps: a count the coefficients were trained for (4-12 for the pack's "
+                        "defaults). Below denoise 1 the longer schedule must be one of them: 8 steps at denoise 0.5 "
+                        "run the last 8 of the 16-step schedule.",
                     },
                 ),
                 "denoise": (
@@ -197,8 +205,8 @@ class ConsistencySolverScheduler:
                         "min": 0.0,
                         "max": 1.0,
                         "step": 0.01,
-                        "tooltip": "As in BasicScheduler: below 1, the last 'steps' steps of a steps / denoise "
-                        "schedule (image-to-image).",
+                        "tooltip": "As in BasicScheduler: below 1 (image-to-image), only the last 'steps' steps of a "
+                        "longer schedule run.",
                     },
                 ),
                 "coefficients": _coefficient_widget(),
@@ -212,12 +220,12 @@ class ConsistencySolverScheduler:
         self, model: Any, steps: int, denoise: float, coefficients: str, loaded_coefficients: Any = None
     ) -> tuple[Any]:
         selection = _selection(coefficients, STORED_MODE, False, loaded_coefficients)
-        return (_runtime().schedule_sigmas(model.get_model_object("model_sampling"), steps, denoise, selection),)
+        return (_runtime().scheduler_node_sigmas(model, steps, denoise, selection),)
 
 
 class DiffusionPreview:
     DESCRIPTION = (
-        "A fast few-step draft of exactly the image DiffusionRefine (or a KSampler with the same seed) renders: "
+        "A fast few-step draft of exactly the image Diffusion Refine (or a KSampler with the same seed) renders: "
         "same noise, same start, a solver trained to land where the full run lands."
     )
     CATEGORY = CATEGORY
@@ -225,7 +233,7 @@ class DiffusionPreview:
     RETURN_NAMES = ("preview", "preview_state")
     OUTPUT_TOOLTIPS = (
         "The preview latent (decode it with VAE Decode to look at it).",
-        "Seed, noise and settings of this preview, for DiffusionRefine.",
+        "Seed, noise and settings of this preview, for Diffusion Refine.",
     )
     FUNCTION = "preview"
 
@@ -253,14 +261,20 @@ class DiffusionPreview:
                 ),
                 "steps": (
                     "INT",
-                    {"default": 8, "min": 1, "max": 100, "tooltip": "Preview steps: fewer is faster, 4-10 is typical."},
+                    {
+                        "default": 8,
+                        "min": 1,
+                        "max": PREVIEW_STEPS_MAX,
+                        "tooltip": "Preview steps: fewer is faster. The pack's coefficients are trained for 4-12 "
+                        "(8 is a good start); another file names its own counts if it refuses one.",
+                    },
                 ),
                 "cfg": _cfg_input(),
                 "scheduler": _scheduler_input(
                     PREVIEW_SCHEDULER,
                     "How the noise levels are spaced over the preview steps. consistency_solver (default): the "
-                    "schedule learned with the chosen coefficients, which the bundled files carry for 4-12 steps "
-                    "(counting steps / denoise); a preset or a file without a schedule needs a stock scheduler.",
+                    "schedule learned with the chosen coefficients ('auto' has one for 4-12 steps). The presets and "
+                    "files without a learned schedule need a stock scheduler such as simple or karras.",
                 ),
                 "denoise": (
                     "FLOAT",
@@ -297,9 +311,8 @@ class DiffusionPreview:
         loaded_coefficients: Any = None,
     ) -> tuple[dict[str, Any], Any]:
         selection = _selection(coefficients, STORED_MODE, False, loaded_coefficients)
-        return _runtime().run_preview(
-            model, positive, negative, latent_image, seed, steps, cfg, scheduler, denoise, selection
-        )
+        request = PreviewRequest(seed, steps, cfg, scheduler, denoise, selection)
+        return _runtime().run_preview(model, positive, negative, latent_image, request)
 
 
 class DiffusionRefine:
@@ -320,7 +333,7 @@ class DiffusionRefine:
                 **_model_inputs(),
                 "preview_state": (
                     PREVIEW_STATE_TYPE,
-                    {"tooltip": "From DiffusionPreview: its seed, noise, latent and denoise."},
+                    {"tooltip": "From Diffusion Preview: its seed, noise, latent and denoise."},
                 ),
                 "approve": (
                     "BOOLEAN",
@@ -343,9 +356,9 @@ class DiffusionRefine:
                 "cfg": _cfg_input(),
                 "scheduler": _scheduler_input(
                     REFINE_SCHEDULER,
-                    "How the noise levels are spaced over the refine steps: its own choice, whatever the preview "
-                    "used (the start is the same noise level at denoise 1). consistency_solver works only for a "
-                    "step count the preview's file has a learned schedule for; keep a stock one for 30 steps.",
+                    "How the noise levels are spaced over the refine steps, whatever the preview used. Keep a stock "
+                    "one (simple, karras, ...) for 30 steps: consistency_solver works only for the step counts the "
+                    "preview's coefficients have a learned schedule for.",
                 ),
             },
             "optional": {
@@ -374,9 +387,8 @@ class DiffusionRefine:
 
             # Blocks everything downstream without an error; the preview stays cached for when it is approved.
             return (ExecutionBlocker(None),)
-        return (
-            _runtime().run_refine(model, positive, negative, preview_state, select, steps, cfg, scheduler, sampler),
-        )
+        request = RefineRequest(select, steps, cfg, scheduler, sampler)
+        return (_runtime().run_refine(model, positive, negative, preview_state, request),)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -11,8 +11,33 @@ from typing import Any
 
 import torch
 
+from .coefficients import CoefficientSelection
+
 SELECT_ALL = "all"
 DEFAULT_REFINE_SAMPLER = "dpmpp_2m"  # a strong stock multistep sampler; Refine's SAMPLER input overrides it
+
+
+@dataclass(frozen=True)
+class PreviewRequest:
+    """Diffusion Preview's settings for one run (besides model, conditioning and latent)."""
+
+    seed: int
+    steps: int
+    cfg: float
+    scheduler: str
+    denoise: float
+    selection: CoefficientSelection
+
+
+@dataclass(frozen=True)
+class RefineRequest:
+    """Diffusion Refine's settings for one run; ``sampler`` None is DEFAULT_REFINE_SAMPLER."""
+
+    select: str
+    steps: int
+    cfg: float
+    scheduler: str
+    sampler: Any = None
 
 
 @dataclass(frozen=True)
@@ -45,14 +70,18 @@ def parse_selection(select: str, batch_size: int) -> list[int]:
     try:
         positions = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ValueError(f"select {select!r} is not 'all' or a list like '0,2'. Fix: type 'all' or indices") from None
+        raise ValueError(
+            f"Type 'all' or positions such as '0,2' in Diffusion Refine's select: {select!r} is neither."
+        ) from None
     if not positions:
-        raise ValueError("select is empty. Fix: type 'all' or the previews to refine, e.g. '0,2'")
+        raise ValueError(
+            "Type 'all' or the previews to refine, such as '0,2', in Diffusion Refine's select: it is empty."
+        )
     bad = [p for p in positions if not -batch_size <= p < batch_size]
     if bad:
         raise ValueError(
-            f"select {select!r} names previews {bad}, but the preview batch has {batch_size} "
-            f"(positions 0 to {batch_size - 1}). Fix: pick positions inside the batch or 'all'"
+            f"Pick previews 0 to {batch_size - 1} (or 'all') in Diffusion Refine's select: {select!r} names {bad}, "
+            f"and the preview batch has {batch_size}."
         )
     return [p % batch_size for p in positions]
 
@@ -67,7 +96,7 @@ def select_previews(state: PreviewState, positions: list[int]) -> PreviewState:
     if "batch_index" in latent:
         latent["batch_index"] = [latent["batch_index"][p] for p in positions]
     if "noise_mask" in latent:
-        latent["noise_mask"] = _rows(latent["noise_mask"], positions)
+        latent["noise_mask"] = _rows(batch_mask(latent["noise_mask"], latent["samples"].ndim), positions)
     return replace(state, noise=state.noise.index_select(0, index), latent=latent)
 
 
@@ -77,19 +106,30 @@ def _rows(tensor: torch.Tensor, positions: list[int]) -> torch.Tensor:
     return tensor.index_select(0, rows.to(tensor.device))
 
 
+def batch_mask(mask: torch.Tensor, latent_ndim: int) -> torch.Tensor:
+    """The mask with its batch in dim 0, as ComfyUI's ``comfy.utils.reshape_mask`` lays it out before repeating it
+    over the batch: for image latents any mask becomes [batch, 1, H, W] (an [H, W] mask is a batch of one); for
+    video latents a mask of fewer than 5 dims is one mask for the whole batch."""
+    if latent_ndim == 4:
+        return mask.reshape(-1, 1, *mask.shape[-2:])
+    if latent_ndim == 5 and mask.ndim < 5:
+        return mask.reshape(1, 1, -1, *mask.shape[-2:])
+    return mask
+
+
 def check_state_fits(state: PreviewState, model_fingerprint: str, latent_channels: int) -> None:
     """Refuse a state made by another model sampling (its noise scale and sigmas differ) or latent shape."""
     if state.model_fingerprint != model_fingerprint:
         raise ValueError(
-            "this preview state was made with a different model sampling "
-            f"({state.model_fingerprint}) than the model given to DiffusionRefine ({model_fingerprint}). "
-            "Fix: connect the same model (with the same sampling patches) to DiffusionPreview and DiffusionRefine"
+            "Connect the same model (with the same sampling patches) to Diffusion Preview and Diffusion Refine: "
+            f"the preview was made with a different model sampling ({state.model_fingerprint}) than the refine's "
+            f"model ({model_fingerprint})."
         )
     channels = state.latent["samples"].shape[1]
     if channels != latent_channels:
         raise ValueError(
-            f"this preview state holds a latent with {channels} channels, but the refine model expects "
-            f"{latent_channels}. Fix: refine with the model that made the preview"
+            f"Refine with the model that made the preview: its latent has {channels} channels, and the model "
+            f"connected to Diffusion Refine expects {latent_channels}."
         )
 
 

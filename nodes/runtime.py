@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import comfy.k_diffusion.sampling
@@ -18,7 +19,7 @@ import folder_paths
 import latent_preview
 import torch
 
-from ..solver import CoefficientSource
+from ..solver import CoefficientFileError, CoefficientSource, check_choice, coefficient_table
 from ..solver import sample_consistency_solver as solver_sample
 from .coefficients import (
     BUNDLED_DIR,
@@ -29,9 +30,20 @@ from .coefficients import (
     learned_sigmas,
     resolve_coefficients,
 )
+from .messages import (
+    PREVIEW,
+    REFINE,
+    SAMPLER_BY_NAME,
+    SCHEDULER_BY_NAME,
+    SCHEDULER_NODE,
+    Run,
+    worded_for,
+)
 from .preview_state import (
     DEFAULT_REFINE_SAMPLER,
+    PreviewRequest,
     PreviewState,
+    RefineRequest,
     check_state_fits,
     parse_selection,
     sampling_fingerprint,
@@ -42,11 +54,7 @@ SAMPLER_NAME = "consistency_solver"
 _FINGERPRINT_PERCENTS = (0.25, 0.5, 0.75)
 _BY_NAME = CoefficientSelection()  # what KSampler's sampler list gets: auto, stored mode, trained steps only
 # KSampler's own step counting, which the by-name scheduler cannot see; named when a step count is refused.
-_ONE_MORE_STEP = ", ".join(sorted(comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS))
-_KSAMPLER_STEPS_NOTE = (
-    f"; KSampler and BasicScheduler ask for steps / denoise when denoise < 1, and KSampler for one step more "
-    f"with {_ONE_MORE_STEP}"
-)
+_ONE_MORE_STEP = tuple(sorted(comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS))
 
 
 def register() -> None:
@@ -81,7 +89,12 @@ def register_model_folder() -> None:
 
 
 def locate_file(name: str) -> str:
-    return folder_paths.get_full_path_or_raise(FOLDER_NAME, name)
+    path = folder_paths.get_full_path(FOLDER_NAME, name)
+    if path is None:
+        raise CoefficientFileError(
+            name, f"it is not in models/{FOLDER_NAME}/ (moved or deleted?)", "put it back or choose another file"
+        )
+    return path
 
 
 def sampling_kind(model_sampling: Any) -> str:
@@ -93,6 +106,17 @@ def coefficients_for(model_sampling: Any, selection: CoefficientSelection) -> Co
     return resolve_coefficients(selection, sampling_kind(model_sampling), locate_file)
 
 
+def run_at(place: str, model_sampling: Any, selection: CoefficientSelection, **settings: Any) -> Run:
+    """What messages need to know about a run at ``place`` before its coefficients are resolved."""
+    return Run(place, selection.choice, describe_choice(selection.choice, sampling_kind(model_sampling)), **settings)
+
+
+def resolved(run: Run, model_sampling: Any, selection: CoefficientSelection) -> Run:
+    """The run with its coefficient source; a missing, broken or mismatched file is worded for ``run.place``."""
+    with worded_for(run):
+        return replace(run, source=coefficients_for(model_sampling, selection))
+
+
 def sample_consistency_solver(
     model: Any,
     x: torch.Tensor,
@@ -101,45 +125,47 @@ def sample_consistency_solver(
     callback: Callable[[dict[str, Any]], None] | None = None,
     disable: bool | None = None,
     selection: CoefficientSelection = _BY_NAME,
+    place: str = SAMPLER_BY_NAME,
 ) -> torch.Tensor:
     """The ComfyUI sampler: reads the model sampling behind KSamplerX0Inpaint to pick matching coefficients.
 
     By name (KSampler's list) it gets no options and uses the pack's default file for the model family;
-    SamplerConsistencySolver and DiffusionPreview pass their ``selection``.
+    SamplerConsistencySolver and DiffusionPreview pass their ``selection`` and ``place`` (the node, for
+    messages). Every problem is found before the first model call.
     """
     model_sampling = model.inner_model.model_patcher.get_model_object("model_sampling")
-    coefficients = coefficients_for(model_sampling, selection)
-    return solver_sample(
-        model,
-        x,
-        sigmas,
-        extra_args,
-        callback,
-        disable,
-        coefficients=coefficients,
-        model_sampling=model_sampling,
-    )
+    run = resolved(run_at(place, model_sampling, selection, steps=len(sigmas) - 1), model_sampling, selection)
+    with worded_for(run):
+        return solver_sample(
+            model,
+            x,
+            sigmas,
+            extra_args,
+            callback,
+            disable,
+            coefficients=run.source,
+            model_sampling=model_sampling,
+        )
 
 
-def consistency_sampler(selection: CoefficientSelection) -> comfy.samplers.KSAMPLER:
-    return comfy.samplers.KSAMPLER(sample_consistency_solver, extra_options={"selection": selection})
+def consistency_sampler(selection: CoefficientSelection, place: str) -> comfy.samplers.KSAMPLER:
+    return comfy.samplers.KSAMPLER(sample_consistency_solver, extra_options={"selection": selection, "place": place})
 
 
-def schedule_sigmas(
-    model_sampling: Any, steps: int, denoise: float, selection: CoefficientSelection, by_name: bool = False
-) -> torch.Tensor:
-    """The learned schedule of the chosen coefficients over this model's sigma range (see ``learned_sigmas``);
-    ``by_name``: asked for through ComfyUI's scheduler lists, whose step counting the error then explains."""
-    return learned_sigmas(
-        coefficients_for(model_sampling, selection),
-        steps,
-        denoise,
-        float(model_sampling.sigma_min),
-        float(model_sampling.sigma_max),
-        describe_choice(selection.choice, sampling_kind(model_sampling)),
-        steps_note=_KSAMPLER_STEPS_NOTE if by_name else "",
-        by_name=by_name,
-    )
+def schedule_sigmas(model_sampling: Any, steps: int, denoise: float, run: Run) -> torch.Tensor:
+    """The learned schedule of ``run``'s coefficients over this model's sigma range (see ``learned_sigmas``),
+    with problems worded for ``run.place``."""
+    with worded_for(run):
+        return learned_sigmas(
+            run.source, steps, denoise, float(model_sampling.sigma_min), float(model_sampling.sigma_max)
+        )
+
+
+def scheduler_node_sigmas(model: Any, steps: int, denoise: float, selection: CoefficientSelection) -> torch.Tensor:
+    """The Consistency Solver Scheduler node."""
+    model_sampling = model.get_model_object("model_sampling")
+    run = run_at(SCHEDULER_NODE, model_sampling, selection, steps=steps, denoise=denoise, learned_schedule=True)
+    return schedule_sigmas(model_sampling, steps, denoise, resolved(run, model_sampling, selection))
 
 
 def consistency_solver_scheduler(model_sampling: Any, steps: int) -> torch.Tensor:
@@ -148,25 +174,24 @@ def consistency_solver_scheduler(model_sampling: Any, steps: int) -> torch.Tenso
     By name it uses the pack's default file for the model family, as the sampler of that name does;
     KSampler and BasicScheduler have already turned denoise into the step count.
     """
-    return schedule_sigmas(model_sampling, steps, 1.0, _BY_NAME, by_name=True)
+    run = run_at(
+        SCHEDULER_BY_NAME, model_sampling, _BY_NAME, steps=steps, learned_schedule=True, one_more_step=_ONE_MORE_STEP
+    )
+    return schedule_sigmas(model_sampling, steps, 1.0, resolved(run, model_sampling, _BY_NAME))
 
 
 def ksampler_sigmas(model: Any, steps: int, scheduler: str, denoise: float) -> torch.Tensor:
     """The sigmas the stock KSampler uses for (steps, scheduler, denoise), by asking ComfyUI's own KSampler."""
-    if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
-        # KSampler would silently switch to its first scheduler.
-        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {comfy.samplers.KSampler.SCHEDULERS}")
+    check_choice("scheduler", scheduler, comfy.samplers.KSampler.SCHEDULERS)  # KSampler would switch silently
     sampler = comfy.samplers.KSampler(model, steps=steps, device="cpu", scheduler=scheduler, denoise=denoise)
     return sampler.sigmas
 
 
-def node_sigmas(
-    model: Any, steps: int, scheduler: str, denoise: float, selection: CoefficientSelection
-) -> torch.Tensor:
+def node_sigmas(model: Any, steps: int, scheduler: str, denoise: float, run: Run) -> torch.Tensor:
     """Preview/Refine sigmas: the stock KSampler's, except that ``consistency_solver`` is the schedule
-    learned with ``selection`` (the preview's coefficients) rather than with the default file."""
+    learned with the run's (the preview's) coefficients rather than with the default file."""
     if scheduler == SCHEDULER_NAME:
-        return schedule_sigmas(model.get_model_object("model_sampling"), steps, denoise, selection)
+        return schedule_sigmas(model.get_model_object("model_sampling"), steps, denoise, run)
     return ksampler_sigmas(model, steps, scheduler, denoise)
 
 
@@ -212,31 +237,33 @@ def sample_latent(
 
 
 def run_preview(
-    model: Any,
-    positive: Any,
-    negative: Any,
-    latent_image: dict[str, Any],
-    seed: int,
-    steps: int,
-    cfg: float,
-    scheduler: str,
-    denoise: float,
-    selection: CoefficientSelection,
+    model: Any, positive: Any, negative: Any, latent_image: dict[str, Any], request: PreviewRequest
 ) -> tuple[dict[str, Any], PreviewState]:
-    """Few-step ConsistencySolver preview; its noise is exactly what the stock KSampler draws for this seed."""
+    """Few-step ConsistencySolver preview; its noise is exactly what the stock KSampler draws for this seed.
+
+    Every problem with the settings (file, step count, schedule) is raised before the first model call.
+    """
+    model_sampling = model.get_model_object("model_sampling")
+    selection = request.selection
+    learned = request.scheduler == SCHEDULER_NAME
+    run = run_at(PREVIEW, model_sampling, selection, steps=request.steps, denoise=request.denoise)
+    run = resolved(replace(run, learned_schedule=learned), model_sampling, selection)
+    sigmas = node_sigmas(model, request.steps, request.scheduler, request.denoise, run)
+    with worded_for(run):
+        coefficient_table(run.source, sigmas, model_sampling)
     latent = dict(latent_image)
     latent["samples"] = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
-    noise = comfy.sample.prepare_noise(latent["samples"], seed, latent.get("batch_index"))
-    sigmas = node_sigmas(model, steps, scheduler, denoise, selection)
-    preview = sample_latent(model, noise, latent, consistency_sampler(selection), sigmas, cfg, positive, negative, seed)
+    noise = comfy.sample.prepare_noise(latent["samples"], request.seed, latent.get("batch_index"))
+    sampler = consistency_sampler(selection, PREVIEW)
+    preview = sample_latent(model, noise, latent, sampler, sigmas, request.cfg, positive, negative, request.seed)
     state = PreviewState(
-        seed=seed,
+        seed=request.seed,
         noise=noise,
         latent=latent,
-        steps=steps,
-        scheduler=scheduler,
-        cfg=cfg,
-        denoise=denoise,
+        steps=request.steps,
+        scheduler=request.scheduler,
+        cfg=request.cfg,
+        denoise=request.denoise,
         sigmas=sigmas.cpu(),
         model_fingerprint=fingerprint(model),
         coefficients=selection.choice,
@@ -244,21 +271,19 @@ def run_preview(
     return preview, state
 
 
-def run_refine(
-    model: Any,
-    positive: Any,
-    negative: Any,
-    state: PreviewState,
-    select: str,
-    steps: int,
-    cfg: float,
-    scheduler: str,
-    sampler: Any = None,
-) -> dict[str, Any]:
+def run_refine(model: Any, positive: Any, negative: Any, state: PreviewState, request: RefineRequest) -> dict[str, Any]:
     """The full render of the chosen previews from their own noise: equal to the stock KSampler for that seed."""
     latent_channels = model.get_model_object("latent_format").latent_channels
     check_state_fits(state, fingerprint(model), latent_channels)
-    chosen = select_previews(state, parse_selection(select, state.batch_size))
-    sigmas = node_sigmas(model, steps, scheduler, state.denoise, CoefficientSelection(state.coefficients))
-    sampler = sampler if sampler is not None else comfy.samplers.sampler_object(DEFAULT_REFINE_SAMPLER)
-    return sample_latent(model, chosen.noise, chosen.latent, sampler, sigmas, cfg, positive, negative, state.seed)
+    chosen = select_previews(state, parse_selection(request.select, state.batch_size))
+    run = None
+    if request.scheduler == SCHEDULER_NAME:
+        model_sampling = model.get_model_object("model_sampling")
+        selection = CoefficientSelection(state.coefficients)
+        settings = {"steps": request.steps, "denoise": state.denoise, "learned_schedule": True}
+        run = resolved(run_at(REFINE, model_sampling, selection, **settings), model_sampling, selection)
+    sigmas = node_sigmas(model, request.steps, request.scheduler, state.denoise, run)
+    sampler = request.sampler if request.sampler is not None else comfy.samplers.sampler_object(DEFAULT_REFINE_SAMPLER)
+    return sample_latent(
+        model, chosen.noise, chosen.latent, sampler, sigmas, request.cfg, positive, negative, state.seed
+    )

@@ -10,9 +10,9 @@ from collections.abc import Iterable, Sequence
 
 
 def format_steps(counts: Iterable[int]) -> str:
-    """``4, 5, 8`` or, for more than two counts without gaps, ``4-12``: how every message lists step counts."""
+    """``4, 5, 8`` or, for counts without gaps, ``4-12``: how every message lists step counts."""
     ordered = sorted(counts)
-    if len(ordered) > 2 and ordered == list(range(ordered[0], ordered[-1] + 1)):
+    if len(ordered) > 1 and ordered == list(range(ordered[0], ordered[-1] + 1)):
         return f"{ordered[0]}-{ordered[-1]}"
     return ", ".join(str(n) for n in ordered)
 

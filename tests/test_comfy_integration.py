@@ -125,7 +125,7 @@ def test_ksampler_by_name_runs_the_solver_with_the_default_file(kind, bundled, m
 
 def test_without_the_default_file_ksampler_names_the_missing_file(tmp_path, monkeypatch):
     monkeypatch.setattr(coefficients, "BUNDLED_DIR", tmp_path)
-    with pytest.raises(FileNotFoundError, match="default-eps.safetensors"):
+    with pytest.raises(ValueError, match="^Reinstall the ConsistencySolver node pack.*default-eps.safetensors"):
         ksampler(tiny_models.gaussian_model("eps"), empty_latent(), "consistency_solver")
 
 
@@ -187,9 +187,9 @@ def test_ksampler_advanced_and_sampler_custom_advanced(bundled):
     noise = nodes_custom_sampler.RandomNoise().get_noise(5)[0]
     custom = nodes_custom_sampler.SamplerCustomAdvanced().sample(noise, guider, sampler, sigmas, latent)[0]["samples"]
     model_sampling = model.get_model_object("model_sampling")
+    ab2 = runtime.consistency_sampler(runtime.CoefficientSelection("ab2"), "Consistency Solver Sampler")
     direct = comfy.sample.sample_custom(
-        model, noise.generate_noise(latent), 4.0, runtime.consistency_sampler(runtime.CoefficientSelection("ab2")),
-        sigmas, POSITIVE, NEGATIVE, latent["samples"], seed=5,
+        model, noise.generate_noise(latent), 4.0, ab2, sigmas, POSITIVE, NEGATIVE, latent["samples"], seed=5,
     )  # fmt: skip
     assert torch.equal(custom, direct) and model_sampling is not None
     assert isinstance(runtime.coefficients_for(model_sampling, runtime.CoefficientSelection("ab2")), Preset)
@@ -220,7 +220,7 @@ def test_a_file_for_eps_models_is_refused_for_a_flow_model(tmp_path, monkeypatch
     save_coefficients(tmp_path / "sd15.safetensors", TableCoefficients(WEIGHTS, 2), model_family="sd15-eps")
     paths = folder_paths.folder_names_and_paths["consistency_solver"]
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "consistency_solver", ([str(tmp_path)], paths[1]))
-    with pytest.raises(ValueError, match="made for eps models"):
+    with pytest.raises(ValueError, match="^Choose coefficients made for flow models .* in Diffusion Preview"):
         preview(tiny_models.gaussian_model("flow"), empty_latent(), choice="sd15.safetensors")
     preview_latent, _ = preview(tiny_models.gaussian_model("eps"), empty_latent(), choice="sd15.safetensors")
     assert torch.isfinite(preview_latent["samples"]).all()
@@ -287,22 +287,21 @@ def test_denoise_below_one_uses_the_longer_trained_schedule(scheduled):
     sampler = SamplerConsistencySolver().get_sampler("auto", "as stored in the file", False)[0]
     assert torch.equal(stock["samples"], sampler_custom(model, source, sampler, sigmas))
     assert scheduler_node(model, steps=4, denoise=0.0).numel() == 0
-    with pytest.raises(ValueError, match=r"not 12 steps \(6 steps at denoise 0.5\)"):
+    with pytest.raises(
+        ValueError, match=r"^Set steps to 2-4 in Consistency Solver Scheduler.*not 12 \(steps / denoise"
+    ):
         scheduler_node(model, steps=6, denoise=0.5)
 
 
 def test_the_scheduler_without_a_learned_schedule_or_for_an_untrained_count_names_the_fix(bundled, user_files):
     model = tiny_models.tiny_unet_model("eps")
-    with pytest.raises(
-        ValueError,
-        match=r"none in the pack's default coefficients for eps models.*Consistency Solver Scheduler node with",
-    ):
+    with pytest.raises(ValueError, match=r"^Pick another scheduler than consistency_solver: the pack's default"):
         ksampler(model, empty_latent(), "euler", scheduler="consistency_solver")
-    with pytest.raises(ValueError, match=r"none in coefficient file 'plain.safetensors'.*another scheduler"):
+    with pytest.raises(ValueError, match=r"^Choose coefficients that carry a learned schedule.*'plain.safetensors'"):
         scheduler_node(model, choice="plain.safetensors")
-    with pytest.raises(ValueError, match=r"none in the preset 'ab2'"):
+    with pytest.raises(ValueError, match=r"BasicScheduler: the preset 'ab2' carries no learned schedule"):
         scheduler_node(model, choice="ab2")
-    with pytest.raises(ValueError, match=r"'own.safetensors' covers 4, 5, 6, 8 steps, not 7 steps\. Fix: pick"):
+    with pytest.raises(ValueError, match=r"^Set steps to 4, 5, 6, 8 in .*'own.safetensors', which covers 4, 5, 6, 8"):
         scheduler_node(model, steps=7, choice="own.safetensors")
 
 
@@ -311,7 +310,8 @@ def test_ksampler_by_name_names_its_own_step_counting(scheduled):
     # uni_pc makes KSampler ask the scheduler for one step more: 7, which the file has no schedule for.
     with pytest.raises(
         ValueError,
-        match=r"not 7 steps; KSampler and BasicScheduler ask for steps / denoise.*one step more with .*uni_pc",
+        match=r"^Set steps so that the consistency_solver scheduler is asked for 4, 5, 6, 8 steps.*asks for 7\. "
+        r"Below denoise 1 a run asks for steps / denoise.*uni_pc, uni_pc_bh2 ask for one step more\.$",
     ):
         ksampler(model, empty_latent(), "uni_pc", scheduler="consistency_solver")
 
@@ -337,7 +337,7 @@ def test_refine_after_a_preview_on_the_learned_schedule(scheduled, user_files):
     # The refine has its own scheduler: 30 steps of karras render exactly what the stock KSampler renders.
     assert torch.equal(refine(model, state, steps=30)["samples"], ksampler(model, latent, "dpmpp_2m", 30)["samples"])
     # consistency_solver in the refine: the preview's file's schedule, for a step count it was trained for only.
-    with pytest.raises(ValueError, match=r"covers 4, 5, 6, 8 steps, not 30 steps"):
+    with pytest.raises(ValueError, match=r"^Set steps to 4, 5, 6, 8 in Diffusion Refine, or pick a stock scheduler"):
         refine(model, state, steps=30, scheduler="consistency_solver")
     _, own_state = preview(model, latent, scheduler="karras", choice="own.safetensors")
     euler = nodes_custom_sampler.KSamplerSelect().get_sampler("euler")[0]
@@ -345,3 +345,52 @@ def test_refine_after_a_preview_on_the_learned_schedule(scheduled, user_files):
     assert torch.equal(
         refined, sampler_custom(model, latent, euler, scheduler_node(model, 8, choice="own.safetensors"))
     )
+
+
+def test_refine_with_a_mask_without_a_batch_and_a_partial_select_equals_the_stock_ksampler(bundled):
+    """B5: an (H, W) mask is one mask for every image, as in ComfyUI; selecting previews must not slice it."""
+    model = tiny_models.tiny_unet_model("eps")
+    source = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(8, 8)
+    mask[2:6, 1:7] = 1.0
+    latent = {"samples": source, "noise_mask": mask}
+    _, state = preview(model, latent, denoise=0.6)
+    stock = ksampler(model, latent, "dpmpp_2m", denoise=0.6)["samples"]
+    torch.testing.assert_close(refine(model, state, select="0,2")["samples"], stock[[0, 2]], atol=1e-5, rtol=1e-4)
+
+
+def counting_model_calls(model, monkeypatch):
+    calls = []
+    inner = model.model.apply_model
+    monkeypatch.setattr(model.model, "apply_model", lambda *a, **k: calls.append(1) or inner(*a, **k))
+    return calls
+
+
+def test_ksampler_and_the_preview_refuse_an_untrained_step_count_before_any_model_call(scheduled, monkeypatch):
+    """U1: at denoise 0.3 the learned schedule (3 / 0.3 = 10 steps) fits, the weights (3 steps) do not."""
+    model = tiny_models.tiny_unet_model("eps")
+    calls = counting_model_calls(model, monkeypatch)
+    source = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))}
+    with pytest.raises(ValueError) as by_name:
+        ksampler(model, source, "consistency_solver", steps=3, scheduler="consistency_solver", denoise=0.5)
+    assert str(by_name.value).startswith("Set steps to 4, 5, 6, 8 for the consistency_solver sampler")
+    with pytest.raises(ValueError) as in_preview:
+        preview(model, source, steps=3, scheduler="consistency_solver", denoise=0.5)
+    assert str(in_preview.value) == (
+        "Set steps to 4 in Diffusion Preview, or pick a stock scheduler: the pack's default coefficient file "
+        "default-eps.safetensors was trained for 4, 5, 6, 8 steps, not 3, and at denoise 0.5 the learned schedule "
+        "needs steps / denoise within 4, 5, 6, 8."
+    )
+    with pytest.raises(ValueError, match="^Pick a stock scheduler .* in Diffusion Preview.*the preset 'ab2'"):
+        preview(model, source, scheduler="consistency_solver", choice="ab2")
+    assert calls == []
+    preview(model, source, steps=4, scheduler="consistency_solver", denoise=0.5)  # 8 steps in all, 4 run
+    assert len(calls) == 4  # cond and uncond in one batch per step
+
+
+def test_the_sampler_node_words_its_problems_for_itself(bundled):
+    model = tiny_models.tiny_unet_model("eps")
+    sampler = SamplerConsistencySolver().get_sampler("auto", "as stored in the file", False)[0]
+    sigmas = nodes_custom_sampler.BasicScheduler().get_sigmas(model, "karras", 7, 1.0)[0]
+    with pytest.raises(ValueError, match=r"^Give the Consistency Solver Sampler 4, 5, 6, 8 steps .*not 7\.$"):
+        sampler_custom(model, empty_latent(), sampler, sigmas)

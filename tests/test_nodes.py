@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,12 +12,27 @@ from consistency_solver.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPP
 from consistency_solver.nodes.coefficients import (
     AUTO,
     CoefficientSelection,
+    NoLearnedSchedule,
+    WrongModelFamily,
     coefficient_choices,
     describe_choice,
     file_fingerprint,
     learned_sigmas,
     resolve_coefficients,
+    runnable_steps,
     schedule_steps,
+)
+from consistency_solver.nodes.messages import (
+    PREVIEW,
+    REFINE,
+    SAMPLER_BY_NAME,
+    SAMPLER_NODE,
+    SCHEDULER_BY_NAME,
+    SCHEDULER_NODE,
+    NodeInputError,
+    Run,
+    user_message,
+    worded_for,
 )
 from consistency_solver.nodes.preview_state import (
     PreviewState,
@@ -27,11 +43,14 @@ from consistency_solver.nodes.preview_state import (
 )
 from consistency_solver.solver import (
     PRESET_NAMES,
+    CoefficientFileError,
     ConsistencyPolicy,
+    InvalidWeights,
     PolicyCoefficients,
     Preset,
     StepSchedule,
     TableCoefficients,
+    UntrainedStepCount,
     save_coefficients,
 )
 
@@ -139,20 +158,21 @@ def test_a_file_for_the_other_model_kind_is_refused(tmp_path):
     eps_file = str(policy_file(tmp_path / "e.safetensors", family="sd15-eps"))
     flow_file = str(table_file(tmp_path / "f.safetensors", family="sd3-flow"))
     locate = {"e": eps_file, "f": flow_file}.__getitem__
-    with pytest.raises(ValueError, match="made for eps models.*this model is a flow model"):
+    with pytest.raises(WrongModelFamily) as error:
         resolve_coefficients(CoefficientSelection("e"), "flow", locate)
-    with pytest.raises(ValueError, match="made for flow models.*Fix: choose a file made for eps"):
+    assert (error.value.path, error.value.file_kind, error.value.kind) == (eps_file, "eps", "flow")
+    with pytest.raises(WrongModelFamily, match="made for flow models, not eps models"):
         resolve_coefficients(CoefficientSelection("f"), "eps", locate)
     assert resolve_coefficients(CoefficientSelection("e"), "eps", locate).order == 3
 
 
-def test_auto_uses_the_bundled_default_and_names_the_command_when_missing(tmp_path, monkeypatch):
+def test_auto_uses_the_bundled_default_and_a_missing_one_is_a_file_error(tmp_path, monkeypatch):
     monkeypatch.setattr(coefficients, "BUNDLED_DIR", tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"default-flow\.safetensors.*python -m consistency_solver\.training"):
+    with pytest.raises(CoefficientFileError, match=r"default-flow\.safetensors': no such file"):
         resolve_coefficients(CoefficientSelection(AUTO), "flow", locate=None)
     table_file(tmp_path / "default-flow.safetensors", family="gmm-flow")
     assert resolve_coefficients(CoefficientSelection(AUTO), "flow", locate=None).order == 2
-    with pytest.raises(FileNotFoundError, match="default-eps"):
+    with pytest.raises(CoefficientFileError, match="default-eps"):
         resolve_coefficients(CoefficientSelection(AUTO), "eps", locate=None)
 
 
@@ -162,7 +182,7 @@ def test_inference_mode_and_untrained_steps_reach_the_policy(tmp_path):
     assert stored.mode == "mode"
     assert resolve_coefficients(CoefficientSelection("p", "expectation"), "eps", locate).mode == "expectation"
     six_steps = torch.linspace(14.6, 0.0, 7, dtype=torch.float64)
-    with pytest.raises(ValueError, match="trained for 4 steps, not 6"):
+    with pytest.raises(UntrainedStepCount, match="trained for 4 steps, not 6"):
         stored.weights(six_steps)
     relaxed = resolve_coefficients(CoefficientSelection("p", allow_untrained_steps=True), "eps", locate)
     assert relaxed.weights(six_steps).shape == (6, 3)
@@ -202,7 +222,14 @@ def test_selection_strings(text, expected):
     assert parse_selection(text, 3) == expected
 
 
-@pytest.mark.parametrize(("text", "message"), [("3", "positions 0 to 2"), ("a,b", "not 'all'"), (" , ", "empty")])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("3", r"^Pick previews 0 to 2 \(or 'all'\) in Diffusion Refine's select: '3' names \[3\]"),
+        ("a,b", r"^Type 'all' or positions such as '0,2' in Diffusion Refine's select: 'a,b' is neither"),
+        (" , ", r"^Type 'all' or the previews to refine, such as '0,2', in Diffusion Refine's select: it is empty"),
+    ],
+)
 def test_bad_selections_name_the_fix(text, message):
     with pytest.raises(ValueError, match=message):
         parse_selection(text, 3)
@@ -224,13 +251,28 @@ def test_a_shorter_mask_batch_repeats_like_comfyui():
     assert chosen.latent["noise_mask"][:, 0, 0, 0].tolist() == [1.0, 0.0]  # rows 1 and 2 % 2
 
 
+@pytest.mark.parametrize("shape", [(2, 2), (1, 2, 2), (1, 1, 2, 2)])
+def test_a_mask_without_a_batch_of_its_own_covers_every_selected_preview(shape):
+    state = make_state()
+    mask = torch.tensor([[0.0, 1.0], [1.0, 0.5]]).reshape(shape)
+    chosen = select_previews(replace(state, latent={**state.latent, "noise_mask": mask}), [0, 2])
+    assert torch.equal(chosen.latent["noise_mask"], mask.reshape(1, 1, 2, 2).expand(2, 1, 2, 2))
+
+
+def test_a_video_mask_of_fewer_than_five_dims_is_one_mask_for_the_batch():
+    state = make_state()
+    video = {**state.latent, "samples": torch.zeros(3, 4, 3, 2, 2), "noise_mask": torch.rand(3, 2, 2)}
+    chosen = select_previews(replace(state, noise=torch.zeros(3, 4, 3, 2, 2), latent=video), [1])
+    assert torch.equal(chosen.latent["noise_mask"], video["noise_mask"].reshape(1, 1, 3, 2, 2))
+
+
 def test_a_state_from_another_model_sampling_or_latent_shape_is_refused():
     state = make_state()
     check_state_fits(state, state.model_fingerprint, 4)
     other = sampling_fingerprint("flow", ["ModelSamplingDiscreteFlow", "CONST"], [1.0, 0.003], "SD3")
-    with pytest.raises(ValueError, match="different model sampling.*Fix: connect the same model"):
+    with pytest.raises(ValueError, match="^Connect the same model .* to Diffusion Preview and Diffusion Refine"):
         check_state_fits(state, other, 4)
-    with pytest.raises(ValueError, match="4 channels, but the refine model expects 16"):
+    with pytest.raises(ValueError, match="^Refine with the model that made the preview: its latent has 4 channels"):
         check_state_fits(state, state.model_fingerprint, 16)
 
 
@@ -253,7 +295,7 @@ def test_the_scheduler_node_sits_with_the_stock_schedulers(live_lists):
     assert inputs["required"]["coefficients"][0] == [AUTO, "mine.safetensors", *PRESET_NAMES]
     assert inputs["required"]["denoise"][1]["min"] == 0.0  # as BasicScheduler: 0 gives no steps
     assert inputs["optional"]["loaded_coefficients"][0] == "CONSISTENCY_COEFFICIENTS"
-    assert "--schedule learned" in node.DESCRIPTION
+    assert "python" not in node.DESCRIPTION and "--" not in node.DESCRIPTION
     assert NODE_DISPLAY_NAME_MAPPINGS["ConsistencySolverScheduler"] == "Consistency Solver Scheduler"
 
 
@@ -268,7 +310,7 @@ def test_the_preview_defaults_to_the_learned_schedule_and_the_refine_to_a_stock_
 
 def test_learned_sigmas_are_the_schedule_over_the_model_range():
     source = scheduled_table()
-    sigmas = learned_sigmas(source, 5, 1.0, 0.03, 14.6, "file")
+    sigmas = learned_sigmas(source, 5, 1.0, 0.03, 14.6)
     assert sigmas.dtype == torch.float32 and sigmas.shape == (6,)
     torch.testing.assert_close(sigmas, source.schedule.sigmas(5, 0.03, 14.6).float())
     assert sigmas[0] == pytest.approx(14.6) and sigmas[-1] == 0.0
@@ -277,34 +319,173 @@ def test_learned_sigmas_are_the_schedule_over_the_model_range():
 def test_denoise_below_one_keeps_the_tail_of_the_longer_schedule_like_basic_scheduler():
     source = scheduled_table()
     assert schedule_steps(4, 0.5) == 8 and schedule_steps(4, 1.0) == 4 and schedule_steps(5, 0.6) == 8
-    tail = learned_sigmas(source, 4, 0.5, 0.03, 14.6, "file")
+    tail = learned_sigmas(source, 4, 0.5, 0.03, 14.6)
     torch.testing.assert_close(tail, source.schedule.sigmas(8, 0.03, 14.6)[-5:].float())
-    assert learned_sigmas(source, 4, 0.0, 0.03, 14.6, "file").numel() == 0
+    assert learned_sigmas(source, 4, 0.0, 0.03, 14.6).numel() == 0
 
 
-def test_a_source_without_a_schedule_names_the_fix():
-    for source, name in ((Preset("euler"), "the preset 'euler'"), (TableCoefficients({4: torch.ones(4, 1)}, 1), "f")):
-        with pytest.raises(ValueError, match="reads the schedule learned with the coefficients") as error:
-            learned_sigmas(source, 4, 1.0, 0.03, 14.6, name)
-        message = str(error.value)
-        assert f"none in {name}. Fix:" in message and "--schedule learned" in message and "another scheduler" in message
+def test_a_source_without_a_schedule_or_an_untrained_total_raises_the_facts():
+    for source in (Preset("euler"), TableCoefficients({4: torch.ones(4, 1)}, 1)):
+        with pytest.raises(NoLearnedSchedule):
+            learned_sigmas(source, 4, 1.0, 0.03, 14.6)
+    with pytest.raises(UntrainedStepCount) as error:
+        learned_sigmas(scheduled_table(), 5, 0.5, 0.03, 14.6)
+    assert (error.value.what, error.value.asked, error.value.trained) == ("schedule", 10, (4, 5, 8))
 
 
-def test_an_untrained_step_count_names_the_trained_ones_and_the_denoise_total():
-    source = scheduled_table()
-    with pytest.raises(ValueError, match=r"covers 4, 5, 8 steps, not 6 steps\. Fix: pick a trained step count"):
-        learned_sigmas(source, 6, 1.0, 0.03, 14.6, "file 'x'")
-    with pytest.raises(ValueError, match=r"not 10 steps \(5 steps at denoise 0.5\).*--schedule learned"):
-        learned_sigmas(source, 5, 0.5, 0.03, 14.6, "file 'x'")
-    full = StepSchedule({n: torch.linspace(0, 0.9, n, dtype=torch.float64) for n in range(4, 13)})
-    with pytest.raises(ValueError, match=r"covers 4-12 steps, not 30 steps; KSampler"):
-        learned_sigmas(scheduled_table(full), 30, 1.0, 0.03, 14.6, "file", steps_note="; KSampler ...")
+def test_runnable_steps_meet_the_coefficients_and_the_learned_schedule():
+    source = scheduled_table()  # weights and schedules for 4, 5 and 8 steps
+    assert runnable_steps(source, 1.0, learned_schedule=False, coefficients=True) == [4, 5, 8]
+    assert runnable_steps(source, 0.5, learned_schedule=True, coefficients=True) == [4]  # 4 / 0.5 = 8
+    assert runnable_steps(source, 0.5, learned_schedule=True, coefficients=False) == [2, 4]
+    assert runnable_steps(source, 0.3, learned_schedule=True, coefficients=True) == []
+    assert runnable_steps(Preset("ab2"), 1.0, learned_schedule=False, coefficients=True) == []
 
 
 def test_choices_are_named_in_errors():
-    assert describe_choice(AUTO, "flow") == "the pack's default coefficients for flow models (default-flow.safetensors)"
+    assert describe_choice(AUTO, "flow") == "the pack's default coefficient file default-flow.safetensors"
     assert describe_choice("ab2", "eps") == "the preset 'ab2'"
-    assert describe_choice("mine.safetensors", "eps") == "coefficient file 'mine.safetensors'"
+    assert describe_choice("mine.safetensors", "eps") == "the coefficient file 'mine.safetensors'"
+
+
+def full_range_table(counts=range(4, 13)):
+    """Like the pack's defaults: weights and a learned schedule for 4-12 steps."""
+    schedule = StepSchedule({n: torch.linspace(0, 0.9, n, dtype=torch.float64) for n in counts})
+    tables = {n: torch.tensor([[1.0, 0.0]] + [[1.5, -0.5]] * (n - 1), dtype=torch.float64) for n in counts}
+    return TableCoefficients(tables=tables, order=2, schedule=schedule)
+
+
+DEFAULT = "the pack's default coefficient file default-eps.safetensors"
+
+
+def run(place, **settings):
+    return Run(place, AUTO, DEFAULT, **settings)
+
+
+def policy_with_schedule(counts=range(4, 13)):
+    schedule = StepSchedule({n: torch.linspace(0, 0.9, n, dtype=torch.float64) for n in counts})
+    policy = ConsistencyPolicy(order=3, bins=5, hidden=8)
+    return PolicyCoefficients(policy, "log_sigma", tuple(counts), schedule=schedule)
+
+
+def test_untrained_step_counts_are_worded_for_each_node():
+    source = full_range_table()
+    table_error = UntrainedStepCount("table", 20, range(4, 13))
+    assert user_message(table_error, run(PREVIEW, steps=20, source=source)) == (
+        f"Set steps to 4-12 in Diffusion Preview: {DEFAULT} was trained for 4-12 steps, not 20."
+    )
+    assert user_message(table_error, run(SAMPLER_BY_NAME, steps=20, source=source)) == (
+        "Set steps to 4-12 for the consistency_solver sampler, or pick another sampler: "
+        f"{DEFAULT} was trained for 4-12 steps, and this run has 20."
+    )
+    assert user_message(table_error, run(SAMPLER_NODE, steps=20, source=source)) == (
+        "Give the Consistency Solver Sampler 4-12 steps (set them where its sigmas are made): "
+        f"{DEFAULT} was trained for 4-12 steps, not 20."
+    )
+    policy_error = UntrainedStepCount("policy", 20, range(4, 13))
+    policy = policy_with_schedule()
+    assert "or turn on its allow_untrained_steps:" in user_message(policy_error, run(SAMPLER_NODE, source=policy))
+    for place in (PREVIEW, SAMPLER_BY_NAME):  # neither has that switch
+        assert "allow" not in user_message(policy_error, run(place, steps=20, source=policy))
+
+
+def test_at_denoise_below_one_the_preview_names_the_counts_that_fit_both_the_weights_and_the_schedule():
+    """U1: the weights are checked on the steps the sampler runs, the learned schedule on steps / denoise."""
+    source = full_range_table()
+    error = UntrainedStepCount("table", 3, range(4, 13))
+    at_half = run(PREVIEW, steps=3, denoise=0.5, learned_schedule=True, source=source)
+    assert user_message(error, at_half) == (
+        f"Set steps to 4-6 in Diffusion Preview, or pick a stock scheduler: {DEFAULT} was trained for 4-12 steps, "
+        "not 3, and at denoise 0.5 the learned schedule needs steps / denoise within 4-12."
+    )
+    too_low = run(PREVIEW, steps=3, denoise=0.3, learned_schedule=True, source=source)
+    assert user_message(error, too_low).startswith(
+        "Raise denoise to at least 0.31 in Diffusion Preview, or pick a stock scheduler: "
+    )
+    assert user_message(error, too_low).endswith("No step count fits denoise 0.3.")
+    schedule_error = UntrainedStepCount("schedule", 14, range(4, 13))
+    assert user_message(schedule_error, replace(at_half, steps=7)) == (
+        "Set steps to 4-6 in Diffusion Preview, or pick a stock scheduler: the consistency_solver scheduler uses "
+        f"the schedule learned with {DEFAULT}, which covers 4-12 steps, not 14 (steps / denoise at denoise 0.5)."
+    )
+    refine = run(REFINE, steps=30, denoise=1.0, learned_schedule=True, source=source)
+    assert user_message(UntrainedStepCount("schedule", 30, range(4, 13)), refine).startswith(
+        "Set steps to 4-12 in Diffusion Refine, or pick a stock scheduler: "
+    )
+
+
+def test_the_scheduler_by_name_and_the_scheduler_node_say_what_to_change():
+    error = UntrainedStepCount("schedule", 16, range(4, 13))
+    by_name = run(SCHEDULER_BY_NAME, steps=16, learned_schedule=True, one_more_step=("uni_pc",))
+    assert user_message(error, by_name) == (
+        "Set steps so that the consistency_solver scheduler is asked for 4-12 steps, or pick another scheduler: "
+        f"the schedule learned with {DEFAULT} covers 4-12 steps, and this run asks for 16. Below denoise 1 a run "
+        "asks for steps / denoise (8 steps at denoise 0.5 ask for 16); uni_pc ask for one step more."
+    )
+    node = run(SCHEDULER_NODE, steps=16, learned_schedule=True, source=full_range_table())
+    assert user_message(error, node).startswith(
+        "Set steps to 4-12 in Consistency Solver Scheduler, or use BasicScheduler"
+    )
+
+
+def test_missing_schedules_files_and_families_are_worded_for_each_node():
+    ab2 = Run(PREVIEW, "ab2", "the preset 'ab2'", learned_schedule=True)
+    assert user_message(NoLearnedSchedule(), ab2) == (
+        "Pick a stock scheduler (simple, karras, ...) in Diffusion Preview, or coefficients that carry a learned "
+        "schedule such as 'auto': the preset 'ab2' carries no learned schedule, which the consistency_solver "
+        "scheduler needs."
+    )
+    assert user_message(NoLearnedSchedule(), run(SCHEDULER_BY_NAME)).startswith(
+        "Pick another scheduler than consistency_solver: "
+    )
+    broken = CoefficientFileError("/x/models/consistency_solver/mine.safetensors", "no such file", "put it back")
+    mine = Run(SAMPLER_NODE, "mine.safetensors", "the coefficient file 'mine.safetensors'")
+    assert user_message(broken, mine) == (
+        "Choose other coefficients in Consistency Solver Sampler: the coefficient file 'mine.safetensors' cannot "
+        "be used (no such file)."
+    )
+    default = CoefficientFileError("/pack/solver/bundled/default-eps.safetensors", "no such file", "retrain")
+    assert user_message(default, run(SAMPLER_BY_NAME)) == (
+        "Reinstall the ConsistencySolver node pack, or pick another sampler than consistency_solver: its default "
+        "coefficient file default-eps.safetensors cannot be used (no such file)."
+    )
+    family = WrongModelFamily("/x/sd15.safetensors", "eps", "flow")
+    assert user_message(family, Run(PREVIEW, "sd15.safetensors", "the coefficient file 'sd15.safetensors'")) == (
+        "Choose coefficients made for flow models (SD3, Flux) in Diffusion Preview ('auto' picks the pack's default "
+        "for the model): the coefficient file 'sd15.safetensors' was made for SD1.5/SDXL-type models."
+    )
+    weights = InvalidWeights("contains NaN or infinite weights (the sigmas are not all finite)")
+    assert user_message(weights, run(SAMPLER_BY_NAME)).startswith("Pick another sampler than consistency_solver: ")
+
+
+def test_no_message_offers_python_syntax_a_command_line_or_a_switch_the_node_lacks():
+    source = policy_with_schedule()
+    problems = [
+        UntrainedStepCount("policy", 20, range(4, 13)),
+        UntrainedStepCount("schedule", 20, range(4, 13)),
+        NoLearnedSchedule(),
+        CoefficientFileError("/x/default-eps.safetensors", "bad", "re-create it with `python -m x`"),
+        WrongModelFamily("/x/f.safetensors", "flow", "eps"),
+        InvalidWeights("rows do not sum to 1"),
+    ]
+    places = (PREVIEW, REFINE, SAMPLER_BY_NAME, SCHEDULER_BY_NAME, SCHEDULER_NODE, SAMPLER_NODE)
+    for place in places:
+        for problem in problems:
+            message = user_message(problem, run(place, steps=20, denoise=0.5, learned_schedule=True, source=source))
+            assert message[0].isupper() and message.endswith(".")
+            assert "=True" not in message and "python" not in message and "`" not in message and "--" not in message
+            if place != SAMPLER_NODE:
+                assert "allow_untrained_steps" not in message
+
+
+def test_worded_problems_keep_their_facts_and_others_pass_through():
+    with pytest.raises(NodeInputError, match="^Set steps to 4-12 for the consistency_solver sampler") as error:
+        with worded_for(run(SAMPLER_BY_NAME, steps=20)):
+            raise UntrainedStepCount("table", 20, range(4, 13))
+    assert isinstance(error.value, ValueError) and error.value.error.asked == 20
+    with pytest.raises(KeyError):
+        with worded_for(run(SAMPLER_BY_NAME)):
+            raise KeyError("not ours")
 
 
 def test_a_saved_schedule_resolves_through_the_node_resolver(tmp_path):
@@ -312,5 +493,5 @@ def test_a_saved_schedule_resolves_through_the_node_resolver(tmp_path):
     save_coefficients(path, scheduled_table(), model_family="test-flow")
     source = resolve_coefficients(CoefficientSelection("s"), "flow", {"s": str(path)}.__getitem__)
     torch.testing.assert_close(
-        learned_sigmas(source, 8, 1.0, 0.003, 1.0, "s"), learned_schedule().sigmas(8, 0.003, 1.0).float()
+        learned_sigmas(source, 8, 1.0, 0.003, 1.0), learned_schedule().sigmas(8, 0.003, 1.0).float()
     )

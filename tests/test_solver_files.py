@@ -286,7 +286,7 @@ def test_schedule_must_cover_every_trained_step_count(scheduled_file):
 
 
 def test_schedule_refuses_untrained_step_counts():
-    with pytest.raises(UntrainedStepCount, match="schedule was trained for 3, 4 steps, not 6") as error:
+    with pytest.raises(UntrainedStepCount, match="schedule was trained for 3-4 steps, not 6") as error:
         learned_schedule().sigmas(6, 0.03, 14.6)
     assert (error.value.what, error.value.asked, error.value.trained) == ("schedule", 6, (3, 4))
 
