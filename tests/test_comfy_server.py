@@ -124,7 +124,10 @@ def test_an_untrained_step_count_fails_with_the_fix_in_the_ui_message(server):
     assert history["status"]["status_str"] == "error"
     errors = [data for event, data in history["status"]["messages"] if event == "execution_error"]
     assert errors[0]["node_type"] == "ConsistencySolverScheduler"
-    assert "covers 4 steps, not 5 steps. Fix: pick a trained step count" in errors[0]["exception_message"]
+    assert errors[0]["exception_message"].strip() == (
+        "Set steps to 4 in Consistency Solver Scheduler, or use BasicScheduler: the consistency_solver scheduler "
+        "uses the schedule learned with the coefficient file 'test-table.safetensors', which covers 4 steps, not 5."
+    )
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
