@@ -1,4 +1,5 @@
-"""The Fashion-MNIST test bed: data loader, shipped UNet and classifier, guidance, sampling quality, training CLI."""
+"""The Fashion-MNIST test bed: data loader, shipped UNet and classifier, guidance, sampling quality, training CLI,
+quality check."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from consistency_solver.training.evaluation.fashion_quality import evaluate
 from consistency_solver.training.evaluation.references import held_out_seeds, reference_finals, seeded_batch
 from consistency_solver.training.testbeds import get_testbed
 from consistency_solver.training.testbeds.fashion import (
+    CLASSIFIER_WEIGHTS,
     DATA_DIR,
+    UNET_WEIGHTS,
     FashionTestBed,
     load_classifier,
     load_fashion_mnist,
@@ -142,3 +146,12 @@ def test_training_cli_writes_loadable_fp16_weights_with_metadata(tmp_path):
         assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys())
     assert metadata["seed"] == "3" and metadata["steps"] == "2" and int(metadata["params"]) > 10**6
     load_unet(out)
+
+
+@needs_data
+def test_the_quality_check_scores_samples_and_writes_the_grid(tmp_path):
+    grid = tmp_path / "samples.png"
+    results = evaluate(UNET_WEIGHTS, CLASSIFIER_WEIGHTS, samples=20, sample_steps=10, guidance=3.0, grid=grid)
+    assert results["label_accuracy"] > 0.5  # chance is 0.1
+    assert results["frechet_real_vs_real"] > 0 and results["frechet_samples_vs_real"] > 0
+    assert grid.is_file()

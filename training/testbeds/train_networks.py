@@ -1,4 +1,4 @@
-r"""Train the Fashion-MNIST test bed's UNet or classifier from a seed and save fp16 EMA weights; evaluate them.
+r"""Train the Fashion-MNIST test bed's UNet or classifier from a seed and save fp16 EMA weights.
 
     python -m consistency_solver.training.testbeds.train_networks unet --seed 0 --minutes 72 \
         --out training/testbeds/weights/fashion_unet.safetensors
@@ -7,13 +7,8 @@ r"""Train the Fashion-MNIST test bed's UNet or classifier from a seed and save f
 
 A run stops at ``--steps`` or after ``--minutes``, whichever comes first, and rewrites ``--out`` every
 ``--checkpoint-minutes`` so an interrupted run still leaves usable weights. The metadata records the
-steps taken; rerunning with ``--steps`` set to that number repeats the run.
-
-    python -m consistency_solver.training.testbeds.train_networks evaluate --samples 500 \
-        --grid outputs/fashion_samples.png
-
-samples held-out seeds with the shared multistep reference (100 steps) and reports the classifier's label
-accuracy on them and the Frechet distance in its features to the real test set, beside the real-vs-real floor.
+steps taken; rerunning with ``--steps`` set to that number repeats the run. ``evaluation/fashion_quality.py``
+scores the result.
 """
 
 from __future__ import annotations
@@ -32,18 +27,12 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..evaluation.metrics import frechet_distance, label_agreement
-from ..evaluation.references import held_out_seeds, reference_finals, seeded_batch
 from .fashion import (
-    CLASSIFIER_WEIGHTS,
     SIGMA_DATA,
-    UNET_WEIGHTS,
     FashionClassifier,
-    FashionTestBed,
     FashionUNet,
     count_parameters,
     edm_scalings,
-    load_classifier,
     load_fashion_mnist,
 )
 
@@ -169,52 +158,10 @@ def train(args: argparse.Namespace) -> None:
     print(json.dumps(metadata))
 
 
-@torch.no_grad()
-def evaluate(args: argparse.Namespace) -> dict[str, float]:
-    """Class-conditional samples of the shipped UNet scored by the shipped classifier against the real test set."""
-    torch.set_num_threads(args.threads)
-    bed = FashionTestBed(guidance=args.guidance, weights=args.unet)
-    classifier = load_classifier(args.classifier)
-    noise, labels = seeded_batch(bed, held_out_seeds(args.samples))
-    samples = torch.cat(
-        [
-            reference_finals(bed, noise_chunk, label_chunk, method="multistep", steps=args.sample_steps)
-            for noise_chunk, label_chunk in zip(noise.split(250), labels.split(250), strict=True)
-        ]
-    )
-    test_images, test_labels = load_fashion_mnist("test")
-    real, other_real = test_images[: args.samples], test_images[5000 : 5000 + args.samples]
-    clipped = samples.clamp(-1, 1)
-    results = {
-        "samples": args.samples,
-        "sample_steps": args.sample_steps,
-        "guidance": args.guidance,
-        "label_accuracy": label_agreement(classifier(clipped), labels),
-        "real_accuracy": label_agreement(classifier(real), test_labels[: args.samples]),
-        "frechet_samples_vs_real": frechet_distance(classifier.features(clipped), classifier.features(real)),
-        "frechet_real_vs_real": frechet_distance(classifier.features(other_real), classifier.features(real)),
-    }
-    if args.grid is not None:
-        save_grid(clipped[labels.argsort(stable=True)][:200], args.grid)
-    print(json.dumps(results))
-    return results
-
-
-def save_grid(images: Tensor, path: Path, columns: int = 20) -> None:
-    """A PNG contact sheet of [n, 1, 28, 28] images in [-1, 1]."""
-    from PIL import Image  # a dev dependency, only for looking at samples
-
-    rows = math.ceil(len(images) / columns)
-    padded = torch.cat([images, images.new_full((rows * columns - len(images), *images.shape[1:]), -1.0)])
-    sheet = padded.reshape(rows, columns, 28, 28).permute(0, 2, 1, 3).reshape(rows * 28, columns * 28)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(((sheet + 1) * 127.5).round().clamp(0, 255).byte().numpy()).save(path)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["unet", "classifier", "evaluate"])
-    parser.add_argument("--out", type=Path, help="output .safetensors (fp16 EMA weights) of unet/classifier")
+    parser.add_argument("what", choices=["unet", "classifier"])
+    parser.add_argument("--out", type=Path, help="output .safetensors (fp16 EMA weights)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--minutes", type=float, default=75.0, help="wall-clock budget")
     parser.add_argument("--steps", type=int, default=None, help="step budget (default: unet none, classifier 3000)")
@@ -224,20 +171,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast dtype for training")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
-    evaluation = parser.add_argument_group("evaluate")
-    evaluation.add_argument("--unet", type=Path, default=UNET_WEIGHTS)
-    evaluation.add_argument("--classifier", type=Path, default=CLASSIFIER_WEIGHTS)
-    evaluation.add_argument("--samples", type=int, default=500)
-    evaluation.add_argument("--sample-steps", type=int, default=100, help="steps of the ab4 multistep reference")
-    evaluation.add_argument("--guidance", type=float, default=3.0)
-    evaluation.add_argument("--grid", type=Path, default=None, help="PNG of up to 200 samples, sorted by class")
     args = parser.parse_args(argv)
-    if args.what == "evaluate":
-        evaluate(args)
-    elif args.out is None:
+    if args.out is None:
         parser.error(f"{args.what} needs --out PATH.safetensors")
-    else:
-        train(args)
+    train(args)
 
 
 if __name__ == "__main__":
