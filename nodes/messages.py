@@ -160,20 +160,30 @@ def _steps_message(error: UntrainedStepCount, run: Run) -> str:
 
 
 def _set_steps(run: Run, why: str) -> str:
-    """'Set steps to ...' at a node with steps and denoise widgets, or what denoise makes some step count work."""
-    scheduler = "use BasicScheduler" if run.place == SCHEDULER_NODE else "pick a stock scheduler"
+    """What to set at a node with steps (and denoise) widgets: the step counts that run, or the denoise from
+    which some do, and a stock scheduler where that alone, or with trained step counts, fixes the run."""
+    stock = "use BasicScheduler" if run.place == SCHEDULER_NODE else "pick a stock scheduler"
     if run.source is None:
-        return f"{scheduler} in {run.place}: {why}"
-    coefficients = run.place == PREVIEW and trained_step_counts(run.source) is not None
-    runnable = runnable_steps(run.source, run.denoise, run.learned_schedule, coefficients)
-    other = f", or {scheduler}" if run.learned_schedule else ""
+        return f"{stock} in {run.place}: {why}"
+    counts = trained_step_counts(run.source) if run.place == PREVIEW else None
+    runnable = runnable_steps(run.source, run.denoise, run.learned_schedule, counts is not None)
     if runnable:
-        return f"set steps to {format_steps(runnable)} in {run.place}{other}: {why}"
-    denoise = next(
-        (d / 100 for d in range(1, 101) if runnable_steps(run.source, d / 100, run.learned_schedule, coefficients)),
-        None,
-    )
-    if denoise is None or denoise < run.denoise:
-        return f"{scheduler} in {run.place}: {why}"
-    fits = f"No step count fits denoise {run.denoise:g}."
-    return f"raise denoise to at least {denoise:g} in {run.place}{other}: {why} {fits}"
+        change = f"set steps to {format_steps(runnable)}"
+    else:
+        denoise = next(
+            (
+                d / 100
+                for d in range(1, 101)
+                if runnable_steps(run.source, d / 100, run.learned_schedule, counts is not None)
+            ),
+            None,
+        )
+        if denoise is None or denoise < run.denoise:
+            return f"{stock} in {run.place}: {why}"
+        at = format_steps(runnable_steps(run.source, denoise, run.learned_schedule, counts is not None))
+        change = f"raise denoise to at least {denoise:g} and set steps to {at}"
+    if not run.learned_schedule or (counts is not None and list(counts) == runnable):
+        return f"{change} in {run.place}: {why}"
+    if counts is None or run.steps in counts:
+        return f"{change} in {run.place}, or {stock}: {why}"
+    return f"{change} in {run.place}, or {stock} and set steps to {format_steps(counts)}: {why}"

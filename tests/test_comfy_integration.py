@@ -377,9 +377,9 @@ def test_ksampler_and_the_preview_refuse_an_untrained_step_count_before_any_mode
     with pytest.raises(ValueError) as in_preview:
         preview(model, source, steps=3, scheduler="consistency_solver", denoise=0.5)
     assert str(in_preview.value) == (
-        "Set steps to 4 in Diffusion Preview, or pick a stock scheduler: the pack's default coefficient file "
-        "default-eps.safetensors was trained for 4, 5, 6, 8 steps, not 3, and at denoise 0.5 the learned schedule "
-        "needs steps / denoise within 4, 5, 6, 8."
+        "Set steps to 4 in Diffusion Preview, or pick a stock scheduler and set steps to 4, 5, 6, 8: the pack's "
+        "default coefficient file default-eps.safetensors was trained for 4, 5, 6, 8 steps, not 3, and at denoise "
+        "0.5 the learned schedule needs steps / denoise within 4, 5, 6, 8."
     )
     with pytest.raises(ValueError, match="^Pick a stock scheduler .* in Diffusion Preview.*the preset 'ab2'"):
         preview(model, source, scheduler="consistency_solver", choice="ab2")

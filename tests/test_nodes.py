@@ -395,18 +395,23 @@ def test_at_denoise_below_one_the_preview_names_the_counts_that_fit_both_the_wei
     error = UntrainedStepCount("table", 3, range(4, 13))
     at_half = run(PREVIEW, steps=3, denoise=0.5, learned_schedule=True, source=source)
     assert user_message(error, at_half) == (
-        f"Set steps to 4-6 in Diffusion Preview, or pick a stock scheduler: {DEFAULT} was trained for 4-12 steps, "
-        "not 3, and at denoise 0.5 the learned schedule needs steps / denoise within 4-12."
+        "Set steps to 4-6 in Diffusion Preview, or pick a stock scheduler and set steps to 4-12: "
+        f"{DEFAULT} was trained for 4-12 steps, not 3, and at denoise 0.5 the learned schedule needs steps / denoise "
+        "within 4-12."
     )
     too_low = run(PREVIEW, steps=3, denoise=0.3, learned_schedule=True, source=source)
-    assert user_message(error, too_low).startswith(
-        "Raise denoise to at least 0.31 in Diffusion Preview, or pick a stock scheduler: "
+    assert user_message(error, too_low).startswith(  # int(4 / 0.31) = 12
+        "Raise denoise to at least 0.31 and set steps to 4 in Diffusion Preview, or pick a stock scheduler and set "
+        "steps to 4-12: "
     )
-    assert user_message(error, too_low).endswith("No step count fits denoise 0.3.")
     schedule_error = UntrainedStepCount("schedule", 14, range(4, 13))
-    assert user_message(schedule_error, replace(at_half, steps=7)) == (
+    assert user_message(schedule_error, replace(at_half, steps=7)) == (  # 7 steps run on a stock schedule
         "Set steps to 4-6 in Diffusion Preview, or pick a stock scheduler: the consistency_solver scheduler uses "
         f"the schedule learned with {DEFAULT}, which covers 4-12 steps, not 14 (steps / denoise at denoise 0.5)."
+    )
+    on_stock = run(PREVIEW, steps=13, learned_schedule=True, source=source)  # a stock schedule would not help
+    assert user_message(UntrainedStepCount("schedule", 13, range(4, 13)), on_stock).startswith(
+        "Set steps to 4-12 in Diffusion Preview: the consistency_solver scheduler"
     )
     refine = run(REFINE, steps=30, denoise=1.0, learned_schedule=True, source=source)
     assert user_message(UntrainedStepCount("schedule", 30, range(4, 13)), refine).startswith(
