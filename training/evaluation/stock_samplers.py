@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import trange
 
-from ...solver import Preset, sample_consistency_solver
+from ...solver import Preset, check_choice, sample_consistency_solver
 
 BASELINE_LABEL = "project reimplementation"
 COMFYUI = "ComfyUI"
@@ -124,8 +124,7 @@ def comfy_unavailable_reason() -> str | None:
 
 def stock_sampler(name: str) -> Callable[..., Tensor]:
     """ComfyUI's sampler function ``name`` (one of ``STOCK_SAMPLERS``), with the k-diffusion sampler contract."""
-    if name not in STOCK_SAMPLERS:
-        raise ValueError(f"unknown stock sampler {name!r}; available: {', '.join(STOCK_SAMPLERS)}")
+    check_choice("stock sampler", name, STOCK_SAMPLERS)
     sampling = import_comfy()
     if name in ("uni_pc", "uni_pc_bh2"):
         from comfy.extra_samplers import uni_pc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ...solver import UnknownChoice
 from .base import TestBed, run_sigmas
 from .gmm import GMM_BEDS, GMMTestBed, gmm_testbed
 
@@ -23,7 +24,7 @@ def get_testbed(name: str) -> TestBed:
         from .fashion import FashionTestBed
 
         return FashionTestBed()
-    raise ValueError(f"unknown test bed {name!r}; known: {', '.join(TESTBED_NAMES)}")
+    raise UnknownChoice("test bed", name, TESTBED_NAMES)
 
 
 __all__ = [

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from ...solver import check_choice
 from .base import TestBed
 
 VECTOR_SEED, IMAGE_SEED = 20251, 20252  # fixed: every machine builds the same mixtures
@@ -251,8 +252,7 @@ DEFAULT_GUIDANCE = 3.0
 
 def gmm_testbed(name: str, guidance: float = DEFAULT_GUIDANCE) -> GMMTestBed:
     """Build one of ``GMM_BEDS``: ``gmm-{vector,image}-{eps,flow}[-cfg]``; ``-cfg`` beds use CFG scale ``guidance``."""
-    if name not in GMM_BEDS:
-        raise ValueError(f"unknown GMM bed {name!r}; known: {', '.join(GMM_BEDS)}")
+    check_choice("GMM bed", name, tuple(GMM_BEDS))
     geometry, kind, conditional = GMM_BEDS[name]
     mixture, shape = (vector_mixture(), (64,)) if geometry == "vector" else (image_mixture(), (4, 16, 16))
     return GMMTestBed(

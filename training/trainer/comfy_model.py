@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ...solver import check_choice
 from ..evaluation.stock_samplers import import_comfy
 from .data import ReferenceSettings, reference_problem
 from .loop import Problem
@@ -49,10 +50,7 @@ class ComfyModel:
         self.patcher, self.positives, self.negative = patcher, positives, negative
         self.guidance, self.scheduler, self.name, self.source = cfg, scheduler, name, source
         self.num_classes = len(positives)
-        if scheduler not in comfy.samplers.SCHEDULER_HANDLERS:
-            raise ValueError(
-                f"unknown scheduler {scheduler!r}; ComfyUI has {', '.join(comfy.samplers.SCHEDULER_NAMES)}"
-            )
+        check_choice("scheduler", scheduler, comfy.samplers.SCHEDULER_NAMES)
         base = patcher.model
         self.model_sampling = patcher.get_model_object("model_sampling")
         self.kind = "flow" if isinstance(self.model_sampling, comfy.model_sampling.CONST) else "eps"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ...solver import UnknownChoice
 from ..evaluation.metrics import psnr, rmse_per_sample, ssim
 
 Reward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -90,4 +91,4 @@ def make_reward(
         if encoder is None:
             raise ValueError("the feature reward needs an encoder: give --feature-factory and --feature-weights")
         return feature_reward(encoder, decode)
-    raise ValueError(f"unknown reward {name!r}; rewards: {', '.join(REWARD_NAMES)}")
+    raise UnknownChoice("reward", name, REWARD_NAMES)
