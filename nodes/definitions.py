@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .calibrate import ConsistencySolverCalibrate
 from .coefficients import (
     FOLDER_NAME,
     INFERENCE_MODE_CHOICES,
@@ -397,6 +398,7 @@ NODE_CLASS_MAPPINGS = {
     "DiffusionPreview": DiffusionPreview,
     "DiffusionRefine": DiffusionRefine,
     "ConsistencySolverScheduler": ConsistencySolverScheduler,
+    "ConsistencySolverCalibrate": ConsistencySolverCalibrate,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "ConsistencySolverCoefficients": "Consistency Solver Coefficients",
@@ -404,4 +406,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DiffusionPreview": "Diffusion Preview (fast draft)",
     "DiffusionRefine": "Diffusion Refine (final render)",
     "ConsistencySolverScheduler": "Consistency Solver Scheduler",
+    "ConsistencySolverCalibrate": "Consistency Solver Calibrate",
 }

@@ -1,0 +1,102 @@
+"""The Consistency Solver Calibrate node in-process on the tiny ComfyUI model: file, reuse, cancel, budget."""
+
+import json
+
+import pytest
+import torch
+from fixtures.comfyui import require_comfyui
+
+require_comfyui()
+
+import comfy.model_management  # noqa: E402
+import folder_paths  # noqa: E402
+from fixtures import tiny_models  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+from consistency_solver.nodes import register  # noqa: E402
+from consistency_solver.nodes.calibrate import ConsistencySolverCalibrate  # noqa: E402
+from consistency_solver.nodes.definitions import DiffusionPreview  # noqa: E402
+from consistency_solver.solver import load_coefficients  # noqa: E402
+
+torch.set_num_threads(1)
+register()
+POSITIVE, NEGATIVE = tiny_models.random_conditioning(1), tiny_models.random_conditioning(2)
+LATENT = {"samples": torch.zeros(1, 4, 8, 8)}
+NOISES, REFINE_STEPS, STEPS = 4, 10, "3,4"
+# 4 noises x 10 refine steps + one rollout of 3 and 4 steps (first steps free): 40 + 4 * 5.
+MINIMUM = 60
+
+
+@pytest.fixture
+def models_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path))
+    paths = folder_paths.folder_names_and_paths["consistency_solver"]
+    folder = tmp_path / "consistency_solver"
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "consistency_solver", ([str(folder)], paths[1]))
+    return folder
+
+
+def counting_model(kind="eps", interrupt_after=None):
+    """The tiny UNet whose every guided model call (one per latent) is counted; optionally Cancel after some."""
+    model = tiny_models.tiny_unet_model(kind).clone()
+    calls = {"count": 0}
+
+    def wrapper(apply_model, arguments):
+        calls["count"] += arguments["input"].shape[0] // len(arguments["cond_or_uncond"])
+        if interrupt_after is not None and calls["count"] >= interrupt_after:
+            comfy.model_management.interrupt_current_processing(True)
+        return apply_model(arguments["input"], arguments["timestep"], **arguments["c"])
+
+    model.set_model_unet_function_wrapper(wrapper)
+    return model, calls
+
+
+def calibrate(model, budget=400, name="mine"):
+    node = ConsistencySolverCalibrate()
+    return node.calibrate(
+        model, POSITIVE, NEGATIVE, LATENT, NOISES, 4.0, STEPS, "dpmpp_2m", "simple", REFINE_STEPS, 7, budget, name
+    )[0]
+
+
+def test_the_node_writes_the_file_with_its_metadata_and_a_second_run_makes_no_model_call(models_dir):
+    model, calls = counting_model()
+    selection = calibrate(model)
+    path = models_dir / "mine.safetensors"
+    assert selection.choice == "mine.safetensors" and path.is_file()
+    first = calls["count"]
+    assert MINIMUM <= first <= 400
+    with safe_open(str(path), framework="pt") as handle:
+        training = json.loads(handle.metadata()["training"])
+    assert training["model_calls"] == first
+    assert training["settings"]["refine_sampler"] == "dpmpp_2m" and training["settings"]["steps"] == [3, 4]
+    assert {"model_fingerprint", "conditioning_fingerprint", "seconds"} <= training.keys()
+    coefficients = load_coefficients(path)
+    assert sorted(coefficients.tables) == [3, 4] and coefficients.row_sums == "free"
+    assert sorted(coefficients.schedule.positions) == [3, 4]
+
+    again = calibrate(model)
+    assert again == selection and calls["count"] == first  # loaded, zero model calls
+
+    latent, _ = DiffusionPreview().preview(
+        model, POSITIVE, NEGATIVE, LATENT, 7, 4, 4.0, "consistency_solver", 1.0, "auto", loaded_coefficients=selection
+    )
+    assert torch.isfinite(latent["samples"]).all()
+
+
+def test_a_budget_below_the_minimum_is_refused_before_any_model_call(models_dir):
+    model, calls = counting_model()
+    with pytest.raises(ValueError, match=f"raise the budget to at least {MINIMUM} model calls"):
+        calibrate(model, budget=MINIMUM - 1)
+    assert calls["count"] == 0
+    assert not (models_dir / "mine.safetensors").exists()
+
+
+def test_cancel_stops_the_calibration_and_leaves_no_file(models_dir):
+    model, calls = counting_model(interrupt_after=50)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            calibrate(model)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert calls["count"] <= 54  # stopped at the next call
+    assert not any(models_dir.glob("*"))  # neither the file nor a partial one

@@ -1,0 +1,99 @@
+"""The forward-only calibrator: it recovers a known multistep method, never builds a graph, and keeps its budget."""
+
+import pytest
+import torch
+
+from consistency_solver.solver import Preset, sample_consistency_solver
+from consistency_solver.training.calibration import (
+    BudgetTooSmall,
+    calibrate,
+    calibrate_model,
+    minimum_budget,
+    record_run,
+)
+from consistency_solver.training.testbeds import get_testbed
+
+BED = get_testbed("gmm-vector-eps")
+NOISES = 8
+
+
+def noises(count=NOISES):
+    return torch.randn(count, *BED.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def gradient_free_model(calls):
+    """The bed's denoiser, counting calls, that refuses to run with autograd enabled."""
+
+    def model(x, sigma, **extra_args):
+        if torch.is_grad_enabled():
+            raise AssertionError("a model call with gradients enabled")
+        calls.append(x.shape[0])
+        return BED.denoise(x, sigma, None)
+
+    return model
+
+
+def ab2(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    return sample_consistency_solver(model, x, sigmas, extra_args, callback, disable, coefficients=Preset("ab2"))
+
+
+def test_a_multistep_target_on_the_same_sigmas_gives_back_its_weights():
+    sigmas = BED.sigmas(5)
+    calls = []
+    target = record_run(ab2, gradient_free_model(calls), noises() * sigmas[0], sigmas)
+    assert target.model_calls == NOISES * 5 == sum(calls)
+    result = calibrate(
+        lambda x, sigma, samples: BED.denoise(x, sigma, None),
+        target,
+        [5],
+        budget=2000,
+        sigma_min=BED.sigma_min,
+        sigma_max=BED.sigma_max,
+    )
+    expected = torch.zeros(5, 4, dtype=torch.float64)
+    expected[:, :2] = Preset("ab2").weights(sigmas)
+    torch.testing.assert_close(result.coefficients.tables[5], expected, atol=1e-4, rtol=0)  # the target ran in float32
+    learned = result.coefficients.schedule.sigmas(5, BED.sigma_min, BED.sigma_max)
+    torch.testing.assert_close(learned, sigmas, atol=1e-6, rtol=1e-4)
+    assert result.fit_rmse[5][1] < 1e-6
+
+
+def test_every_model_call_runs_without_gradients_and_the_budget_is_kept():
+    calls = []
+    sigmas = BED.sigmas(20)
+    result = calibrate_model(
+        gradient_free_model(calls),
+        noises() * sigmas[0],
+        sigmas,
+        ab2,
+        [4, 6],
+        budget=1500,
+        sigma_min=BED.sigma_min,
+        sigma_max=BED.sigma_max,
+        jacobian_noises=4,
+    )
+    assert result.model_calls == sum(calls) <= 1500
+    assert result.rounds >= 1  # Gauss-Newton ran (its Jacobian sweeps call the model too)
+    for steps, (start, best) in result.fit_rmse.items():
+        assert best <= start
+        assert result.coefficients.tables[steps].shape == (steps, 4)
+
+
+def test_a_budget_below_the_minimum_is_refused_before_any_model_call():
+    calls = []
+    sigmas = BED.sigmas(20)
+    minimum = minimum_budget(NOISES * 20, NOISES, [4, 6])
+    assert minimum == NOISES * 20 + NOISES * (3 + 5)
+    with pytest.raises(BudgetTooSmall, match=f"raise the budget to at least {minimum} model calls") as error:
+        calibrate_model(
+            gradient_free_model(calls),
+            noises() * sigmas[0],
+            sigmas,
+            ab2,
+            [4, 6],
+            budget=minimum - 1,
+            sigma_min=BED.sigma_min,
+            sigma_max=BED.sigma_max,
+        )
+    assert error.value.minimum == minimum
+    assert calls == []

@@ -1,0 +1,23 @@
+"""Forward-only calibration of a coefficient table to one model (issue 10); depends only on solver/ and torch."""
+
+from .calibrator import (
+    BudgetTooSmall,
+    Calibration,
+    TargetRun,
+    calibrate,
+    calibrate_model,
+    check_budget,
+    minimum_budget,
+    record_run,
+)
+
+__all__ = [
+    "BudgetTooSmall",
+    "Calibration",
+    "TargetRun",
+    "calibrate",
+    "calibrate_model",
+    "check_budget",
+    "minimum_budget",
+    "record_run",
+]
