@@ -21,6 +21,7 @@ import torch
 
 from .coefficients import FOLDER_NAME, CoefficientSelection
 
+NODE = "Consistency Solver Calibrate"
 CATEGORY = "sampling/consistency_solver"
 COEFFICIENTS_TYPE = "CONSISTENCY_COEFFICIENTS"
 DEFAULT_STEPS = "5,8"
@@ -69,7 +70,8 @@ def calibration_file_name(name: str) -> str:
     name = name.strip().removesuffix(".safetensors")
     if not _NAME.match(name):
         raise ValueError(
-            f"give the file a plain name of letters, digits, '.', '_', '-' or spaces, without folders (got {name!r})"
+            f"Give the file name of {NODE} as a plain name of letters, digits, '.', '_', '-' or spaces, without "
+            f"folders (it reads {name!r})."
         )
     return f"{name}.safetensors"
 
@@ -270,7 +272,7 @@ def run_calibration(
 
     from ..solver import save_coefficients
     from ..training.calibration import BudgetTooSmall, calibrate_model, check_budget
-    from .runtime import ksampler_sigmas, model_kind
+    from .runtime import ksampler_sigmas, sampling_kind
 
     latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
     shape = (settings.noises, *latent.shape[1:])
@@ -293,8 +295,13 @@ def run_calibration(
 
     if settings.refine_sampler in UNSUPPORTED_REFINE_SAMPLERS:
         raise ValueError(
-            f"choose another refine sampler for calibration: {settings.refine_sampler} does not take a fixed number "
-            "of model calls per step (dpmpp_2m, euler, deis, ipndm, ... do)"
+            f"Choose another refine sampler in {NODE} (dpmpp_2m, euler, deis, ipndm, ...): "
+            f"{settings.refine_sampler} has no fixed number of model calls per step to budget for."
+        )
+    if settings.refine_steps < max(settings.steps):
+        raise ValueError(
+            f"Give {NODE} at least {max(settings.steps)} refine steps, or fewer preview steps: a preview steps "
+            f"through the refine run's own noise levels."
         )
     refine = comfy.samplers.sampler_object(settings.refine_sampler)
     sigmas = ksampler_sigmas(model, settings.refine_steps, settings.refine_scheduler, 1.0)
@@ -302,7 +309,12 @@ def run_calibration(
     try:
         check_budget(settings.budget, target_calls, settings.noises, settings.steps)
     except BudgetTooSmall as error:
-        raise ValueError(f"Consistency Solver Calibrate: {error}") from error
+        raise ValueError(
+            f"Raise the budget of {NODE} to at least {error.minimum} model calls (it is {error.budget}), or lower "
+            f"its noises, preview steps or refine steps: the {error.noises} refine runs take {error.target_calls} "
+            f"calls and one preview of {'+'.join(map(str, error.steps))} steps per noise "
+            f"{error.minimum - error.target_calls}."
+        ) from error
 
     model_sampling = model.get_model_object("model_sampling")
     progress = comfy.utils.ProgressBar(settings.budget)
@@ -357,7 +369,7 @@ def run_calibration(
     save_coefficients(
         partial,
         calibration.coefficients,
-        model_family=f"calibrated-{model_kind(model_sampling)}",
+        model_family=f"calibrated-{sampling_kind(model_sampling)}",
         description=f"Calibrated by the Consistency Solver Calibrate node for {', '.join(map(str, settings.steps))} "
         f"preview steps against {settings.refine_sampler}/{settings.refine_scheduler} at {settings.refine_steps} steps",
         training={

@@ -85,7 +85,9 @@ def test_the_node_writes_the_file_with_its_metadata_and_a_second_run_makes_no_mo
 
 def test_a_budget_below_the_minimum_is_refused_before_any_model_call(models_dir):
     model, calls = counting_model()
-    with pytest.raises(ValueError, match=f"raise the budget to at least {MINIMUM} model calls"):
+    with pytest.raises(
+        ValueError, match=f"Raise the budget of Consistency Solver Calibrate to at least {MINIMUM} model calls"
+    ):
         calibrate(model, budget=MINIMUM - 1)
     assert calls["count"] == 0
     assert not (models_dir / "mine.safetensors").exists()

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ...solver import StepSchedule, TableCoefficients, to_d
-from ...solver.coefficients import history_lengths, row_sums_problem
+from ...solver.coefficients import history_lengths, table_problem
 from ...solver.schedules import schedule_positions
 
 Model = Callable[..., Tensor]
@@ -48,11 +48,17 @@ MIN_IMPROVEMENT = 1e-3  # a candidate must lower the real RMSE by this share (no
 
 
 class BudgetTooSmall(ValueError):
-    """The model-call budget cannot pay for the request; ``minimum`` is the least budget that can."""
+    """The model-call budget cannot pay for the request: the target runs (``target_calls``) plus one rollout of
+    every step count on every noise; ``minimum`` is their sum."""
 
-    def __init__(self, budget: int, minimum: int, detail: str):
-        self.budget, self.minimum = budget, minimum
-        super().__init__(f"raise the budget to at least {minimum} model calls (it is {budget}): {detail}")
+    def __init__(self, budget: int, target_calls: int, noises: int, steps: Sequence[int]):
+        self.budget, self.target_calls, self.noises, self.steps = budget, target_calls, noises, tuple(steps)
+        self.minimum = minimum_budget(target_calls, noises, steps)
+        super().__init__(
+            f"raise the budget to at least {self.minimum} model calls (it is {budget}), or use fewer noises, step "
+            f"counts or target steps: the target runs take {target_calls} calls and one rollout of "
+            f"{'+'.join(str(n) for n in self.steps)} steps on {noises} noises {self.minimum - target_calls}"
+        )
 
 
 @dataclass(frozen=True)
@@ -178,13 +184,22 @@ def minimum_budget(target_calls: int, noises: int, steps: Sequence[int]) -> int:
 
 def check_budget(budget: int, target_calls: int, noises: int, steps: Sequence[int]) -> None:
     """Refuse (BudgetTooSmall) before any model call when ``budget`` cannot pay for the request."""
-    minimum = minimum_budget(target_calls, noises, steps)
-    if budget < minimum:
-        raise BudgetTooSmall(
-            budget,
-            minimum,
-            f"the target runs take {target_calls} and one rollout of {'+'.join(str(n) for n in steps)} steps on "
-            f"{noises} noises takes {minimum - target_calls}; or use fewer noises, step counts or refine steps",
+    if budget < minimum_budget(target_calls, noises, steps):
+        raise BudgetTooSmall(budget, target_calls, noises, steps)
+
+
+def check_target_sigmas(count: int, first: float, steps: Sequence[int], sigma_max: float) -> None:
+    """Refuse a target run of ``count`` nonzero sigmas from ``first`` that the previews cannot be placed on: they
+    start at the model's sigma_max and step through the target's own sigmas."""
+    if max(steps) > count:
+        raise ValueError(
+            f"give the target run at least {max(steps)} steps: a {max(steps)}-step preview steps through its sigmas, "
+            f"and it has {count}"
+        )
+    if abs(math.log(first / sigma_max)) > 1e-3:
+        raise ValueError(
+            f"start the target run at the model's sigma_max {sigma_max:.5g} (full denoise, a scheduler that starts "
+            f"there): it starts at {first:.5g}, where previews from pure noise do not"
         )
 
 
@@ -213,16 +228,7 @@ def calibrate(
     steps = sorted({int(n) for n in steps})
     if not steps or steps[0] < 1:
         raise ValueError(f"step counts must be positive, got {steps}")
-    if max(steps) > len(target.sigmas):
-        raise ValueError(
-            f"the target run has {len(target.sigmas)} sigmas, too few for a {max(steps)}-step preview on them; "
-            "give the target run more steps"
-        )
-    if abs(math.log(float(target.sigmas[0]) / sigma_max)) > 1e-3:
-        raise ValueError(
-            f"the target run starts at sigma {float(target.sigmas[0]):.5g}, not at the model's sigma_max "
-            f"{sigma_max:.5g}; calibrate on a full-denoise target run"
-        )
+    check_target_sigmas(len(target.sigmas), float(target.sigmas[0]), steps, sigma_max)
     check_budget(budget, target.model_calls, target.noises, steps)
     jacobian_noises = max(1, min(jacobian_noises, target.noises))
     calls = target.model_calls
@@ -261,7 +267,7 @@ def calibrate(
     tables, positions = {}, {}
     for n, fit in fits.items():
         tables[n] = fit.weights
-        problem = row_sums_problem(tables[n], "free")
+        problem = table_problem(tables[n], "free")
         if problem:
             raise ValueError(f"the calibrated {n}-step table is unusable: its rows {problem}")
         positions[n] = schedule_positions(fit.sigmas, sigma_min, sigma_max).clamp(0, 1)
@@ -308,6 +314,7 @@ def calibrate_model(
     """
     target_calls = initial_states.shape[0] * (len(sigmas) - 1) * calls_per_step
     check_budget(budget, target_calls, initial_states.shape[0], steps)
+    check_target_sigmas(int((sigmas > 0).sum()), float(sigmas[0]), steps, sigma_max)
     extra_args = extra_args or {}
     target = record_run(sampler, model, initial_states, sigmas, extra_args, on_calls)
     return calibrate(
