@@ -28,7 +28,7 @@ SAMPLER_NODE = "Consistency Solver Sampler"
 SCHEDULER_NODE = "Consistency Solver Scheduler"
 SAMPLER_BY_NAME = "the consistency_solver sampler"  # picked by name in KSampler, KSamplerAdvanced, KSamplerSelect
 SCHEDULER_BY_NAME = "the consistency_solver scheduler"  # picked by name in KSampler, BasicScheduler, ...
-FAMILIES = {"eps": "SD1.5/SDXL-type models", "flow": "flow models (SD3, Flux)", "any": "any model"}
+FAMILIES = {"eps": "SD1.5/SDXL-type models", "flow": "flow models (SD3, Flux)"}
 WORDED = (CoefficientFileError, WrongModelFamily, NoLearnedSchedule, UntrainedStepCount, InvalidWeights)
 
 
@@ -46,21 +46,14 @@ class Run:
     one_more_step: tuple[str, ...] = ()  # samplers for which KSampler asks the scheduler for one step more
 
 
-class NodeInputError(ValueError):
-    """A problem worded for the node it appeared in (``error`` keeps the facts)."""
-
-    def __init__(self, message: str, error: Exception):
-        super().__init__(message)
-        self.error = error
-
-
 @contextmanager
 def worded_for(run: Run) -> Iterator[None]:
-    """Re-raise the problems of the block as a NodeInputError worded for ``run``."""
+    """Re-raise the problems of the block worded for ``run``: a plain ValueError, as ComfyUI's dialog shows its
+    type, with the facts kept as its ``__cause__``."""
     try:
         yield
     except WORDED as error:
-        raise NodeInputError(user_message(error, run), error) from error
+        raise ValueError(user_message(error, run)) from error
 
 
 def user_message(error: Exception, run: Run) -> str:
@@ -113,7 +106,10 @@ def _no_schedule_message(run: Run) -> str:
             f"learned schedule such as 'auto': {why}."
         )
     if run.place == REFINE:
-        return f"pick a stock scheduler (simple, karras, ...) in Diffusion Refine: the preview's coefficients, {why}."
+        return (
+            f"pick a stock scheduler (simple, karras, ...) in Diffusion Refine: the preview's coefficients, "
+            f"{run.coefficients}, carry no learned schedule, which the consistency_solver scheduler needs."
+        )
     if run.place == SCHEDULER_NODE:
         return (
             f"choose coefficients that carry a learned schedule, such as 'auto', in the Consistency Solver "
@@ -151,7 +147,8 @@ def _steps_message(error: UntrainedStepCount, run: Run) -> str:
     if run.place == SAMPLER_NODE:
         switch = ", or turn on its allow_untrained_steps" if error.what == "policy" else ""
         return (
-            f"give the Consistency Solver Sampler {trained} steps (set them where its sigmas are made){switch}: {why}."
+            f"give the Consistency Solver Sampler {trained} steps (the steps of the scheduler that makes its "
+            f"sigmas){switch}: {why}."
         )
     if run.learned_schedule and run.denoise < 1 and run.source is not None and run.source.schedule is not None:
         learned = format_steps(run.source.schedule.positions)

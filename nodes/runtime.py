@@ -92,7 +92,7 @@ def locate_file(name: str) -> str:
     path = folder_paths.get_full_path(FOLDER_NAME, name)
     if path is None:
         raise CoefficientFileError(
-            name, f"it is not in models/{FOLDER_NAME}/ (moved or deleted?)", "put it back or choose another file"
+            name, f"it is no longer in models/{FOLDER_NAME}/", "put it back or choose another file"
         )
     return path
 
@@ -245,9 +245,12 @@ def run_preview(
     """
     model_sampling = model.get_model_object("model_sampling")
     selection = request.selection
-    learned = request.scheduler == SCHEDULER_NAME
-    run = run_at(PREVIEW, model_sampling, selection, steps=request.steps, denoise=request.denoise)
-    run = resolved(replace(run, learned_schedule=learned), model_sampling, selection)
+    settings = {
+        "steps": request.steps,
+        "denoise": request.denoise,
+        "learned_schedule": request.scheduler == SCHEDULER_NAME,
+    }
+    run = resolved(run_at(PREVIEW, model_sampling, selection, **settings), model_sampling, selection)
     sigmas = node_sigmas(model, request.steps, request.scheduler, request.denoise, run)
     with worded_for(run):
         coefficient_table(run.source, sigmas, model_sampling)

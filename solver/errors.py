@@ -48,4 +48,4 @@ class InvalidWeights(ValueError):
 
     def __init__(self, problem: str):
         self.problem = problem
-        super().__init__(f"the coefficient table {problem}")
+        super().__init__(f"unusable coefficient table: {problem}")

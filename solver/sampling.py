@@ -34,13 +34,14 @@ def coefficient_table(
     table = coefficients.weights(sigmas, sigma_to_timestep)
     steps = len(sigmas) - 1
     if table.shape != (steps, coefficients.order):
-        raise InvalidWeights(f"has shape {tuple(table.shape)}, expected {(steps, coefficients.order)}")
+        raise InvalidWeights(f"the table has shape {tuple(table.shape)}, expected {(steps, coefficients.order)}")
+    if not torch.isfinite(sigmas).all():
+        raise InvalidWeights("the sigmas are not all finite")
     if not torch.isfinite(table).all():
-        problem = "the sigmas are not all finite" if not torch.isfinite(sigmas).all() else "for these sigmas"
-        raise InvalidWeights(f"contains NaN or infinite weights ({problem})")
+        raise InvalidWeights("some weights are NaN or infinite")
     problem = table_problem(table, coefficients.row_sums)
     if problem:
-        raise InvalidWeights(f"rows {problem}")
+        raise InvalidWeights(f"the rows {problem}")
     return table
 
 
