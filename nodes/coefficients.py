@@ -34,6 +34,7 @@ STORED_MODE = "as stored in the file"
 INFERENCE_MODE_CHOICES = (STORED_MODE, "mode", "expectation")
 MODEL_KINDS = ("eps", "flow")
 SCHEDULER_NAME = "consistency_solver"  # the learned schedule, as a node and in ComfyUI's scheduler lists
+UNTRAINED_MARK = " (untrained)"  # how the dropdowns mark the presets, classic solvers that learned nothing
 
 Locate = Callable[[str], str]
 
@@ -71,8 +72,20 @@ def default_coefficient_path(kind: str) -> Path:
 
 
 def coefficient_choices(file_names: list[str]) -> list[str]:
-    """The combo list of every coefficient widget: auto, the listed files, then the presets."""
-    return [AUTO, *file_names, *PRESET_NAMES]
+    """The combo list of every coefficient widget: auto, the listed files, then the presets marked untrained."""
+    return [AUTO, *file_names, *(f"{preset}{UNTRAINED_MARK}" for preset in PRESET_NAMES)]
+
+
+def choice_from_widget(value: str) -> str:
+    """The choice a combo entry stands for. A preset's bare name, as workflows saved before the mark hold it,
+    stands for that preset too."""
+    bare = value.removesuffix(UNTRAINED_MARK)
+    return bare if bare in PRESET_NAMES else value
+
+
+def is_coefficient_choice(value: str, file_names: list[str]) -> bool:
+    """Whether a widget value names a listed choice, the bare preset names included."""
+    return value in coefficient_choices(file_names) or value in PRESET_NAMES
 
 
 def resolve_coefficients(selection: CoefficientSelection, kind: str, locate: Locate) -> CoefficientSource:

@@ -15,8 +15,10 @@ from .coefficients import (
     SCHEDULER_NAME,
     STORED_MODE,
     CoefficientSelection,
+    choice_from_widget,
     coefficient_choices,
     file_fingerprint,
+    is_coefficient_choice,
 )
 from .messages import SAMPLER_NODE
 from .preview_state import DEFAULT_REFINE_SAMPLER, SELECT_ALL, PreviewRequest, RefineRequest
@@ -61,7 +63,7 @@ def _coefficient_widget() -> tuple[list[str], dict[str, Any]]:
             "default": "auto",
             "tooltip": "Which solver coefficients to use. 'auto' = the pack's trained default for this kind of "
             "model (SD1.5/SDXL-type, or flow models such as SD3 and Flux). Files come from "
-            "models/consistency_solver/; euler, ab2-ab4 and ipndm are classic untrained solvers for comparison.",
+            "models/consistency_solver/; the entries marked untrained (euler, ab2-ab4, ipndm) are classic solvers, for comparison.",
         },
     )
 
@@ -126,7 +128,18 @@ def _scheduler_input(default: str, tooltip: str) -> tuple[list[str], dict[str, A
 def _selection(coefficients: str, inference_mode: str, allow_untrained_steps: bool, loaded: Any) -> Any:
     if loaded is not None:
         return loaded
-    return CoefficientSelection(coefficients, inference_mode, allow_untrained_steps)
+    return CoefficientSelection(choice_from_widget(coefficients), inference_mode, allow_untrained_steps)
+
+
+def _validate_coefficients(cls: type, coefficients: str) -> bool | str:
+    """ComfyUI's VALIDATE_INPUTS: the listed choices, and the bare preset names of workflows saved before the
+    untrained mark (declaring ``coefficients`` here replaces ComfyUI's own is-it-in-the-list check)."""
+    if is_coefficient_choice(coefficients, coefficient_file_names()):
+        return True
+    return (
+        f"Pick another coefficients entry: '{coefficients}' is not in the list (coefficient files go in "
+        "models/consistency_solver/)"
+    )
 
 
 class ConsistencySolverCoefficients:
@@ -143,10 +156,12 @@ class ConsistencySolverCoefficients:
 
     @classmethod
     def IS_CHANGED(cls, coefficients: str, **_: Any) -> str:
-        return file_fingerprint(coefficients, _runtime().locate_file)
+        return file_fingerprint(choice_from_widget(coefficients), _runtime().locate_file)
+
+    VALIDATE_INPUTS = classmethod(_validate_coefficients)
 
     def load(self, coefficients: str, inference_mode: str, allow_untrained_steps: bool) -> tuple[CoefficientSelection]:
-        return (CoefficientSelection(coefficients, inference_mode, allow_untrained_steps),)
+        return (_selection(coefficients, inference_mode, allow_untrained_steps, None),)
 
 
 class SamplerConsistencySolver:
@@ -161,6 +176,7 @@ class SamplerConsistencySolver:
         return {"required": _selection_widgets(), "optional": _loaded_coefficients_input()}
 
     IS_CHANGED = ConsistencySolverCoefficients.IS_CHANGED
+    VALIDATE_INPUTS = ConsistencySolverCoefficients.VALIDATE_INPUTS
 
     def get_sampler(
         self, coefficients: str, inference_mode: str, allow_untrained_steps: bool, loaded_coefficients: Any = None
@@ -216,6 +232,7 @@ class ConsistencySolverScheduler:
         }
 
     IS_CHANGED = ConsistencySolverCoefficients.IS_CHANGED
+    VALIDATE_INPUTS = ConsistencySolverCoefficients.VALIDATE_INPUTS
 
     def get_sigmas(
         self, model: Any, steps: int, denoise: float, coefficients: str, loaded_coefficients: Any = None
@@ -257,7 +274,9 @@ class DiffusionPreview:
                         "min": 0,
                         "max": SEED_MAX,
                         "control_after_generate": True,
-                        "tooltip": "The noise seed. DiffusionRefine reuses it through the preview state.",
+                        "tooltip": "The noise seed; Diffusion Refine renders the same noise. The seed shown is "
+                        "the one of the preview on screen: a new one is drawn at the start of the next run, and "
+                        "never while the Refine's approve is on.",
                     },
                 ),
                 "steps": (
@@ -296,6 +315,8 @@ class DiffusionPreview:
     @classmethod
     def IS_CHANGED(cls, coefficients: str, **_: Any) -> str:
         return ConsistencySolverCoefficients.IS_CHANGED(coefficients)
+
+    VALIDATE_INPUTS = ConsistencySolverCoefficients.VALIDATE_INPUTS
 
     def preview(
         self,
@@ -403,8 +424,9 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "ConsistencySolverCoefficients": "Consistency Solver Coefficients",
     "SamplerConsistencySolver": "Consistency Solver Sampler",
-    "DiffusionPreview": "Diffusion Preview (fast draft)",
-    "DiffusionRefine": "Diffusion Refine (final render)",
+    # "Consistency Solver" in every name: the node search matches names and display names, not categories.
+    "DiffusionPreview": "Diffusion Preview (Consistency Solver)",
+    "DiffusionRefine": "Diffusion Refine (Consistency Solver)",
     "ConsistencySolverScheduler": "Consistency Solver Scheduler",
     "ConsistencySolverCalibrate": "Consistency Solver Calibrate",
 }

@@ -1,0 +1,305 @@
+"""The artist's view: ComfyUI's own frontend in headless Chromium, against a real ComfyUI server with this pack.
+
+It opens every example workflow from the template browser, finds the pack's nodes in the node search, runs the
+preview -> approve -> refine loop with a Diffusion Preview added from the search (whose seed control the frontend
+sets to 'randomize'), and shows KSampler's error at an untrained step count. Screenshots of every step go to
+outputs/browser/. Locally the module skips when Chromium or playwright is missing; in CI (CI=true) it fails.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures.browser import EXTENSION_PATH, browser_missing, comfy_page
+from fixtures.comfyui import require_comfyui
+from fixtures.example_workflows import EXAMPLES, EXAMPLES_DIR, THUMBNAIL_SUFFIX, stand_in_models
+from safetensors.torch import load_file
+
+from consistency_solver.nodes import NODE_DISPLAY_NAME_MAPPINGS
+
+MISSING = browser_missing()
+if MISSING and os.environ.get("CI") == "true":
+    pytest.fail(f"the browser test must run in CI, but {MISSING}", pytrace=False)
+if MISSING:
+    pytest.skip(f"no browser: {MISSING}", allow_module_level=True)
+require_comfyui()
+
+from fixtures.comfy_server import ComfyServer  # noqa: E402
+from fixtures.workflows import UIGraph  # noqa: E402
+from playwright.sync_api import TimeoutError as PlaywrightTimeout  # noqa: E402
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+SCREENSHOTS = REPOSITORY / "outputs" / "browser"
+PACK_FOLDER = "consistency_solver"  # the folder name under custom_nodes: the template browser's module name
+REFINE = {"steps": 6, "cfg": 4.0, "scheduler": "karras"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfyui")
+    stand_in_models(base)
+    packs = {PACK_FOLDER: REPOSITORY, "test_pack": REPOSITORY / "tests" / "fixtures" / "comfy_test_pack"}
+    running = ComfyServer(base, packs, frontend=True)
+    try:
+        running.start()
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    print(f"screenshots: {SCREENSHOTS}")
+    with comfy_page(server.port) as opened:
+        yield opened
+
+
+def shoot(page, name):
+    page.page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
+
+
+def overlaps(boxes):
+    """Pairs of nodes whose drawn boxes (title bars included) intersect."""
+    found = []
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            (ax, ay, aw, ah), (bx, by, bw, bh) = a["box"], b["box"]
+            if ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah:
+                found.append((a["title"], b["title"]))
+    return found
+
+
+def open_pack_templates(page):
+    """The template browser at this pack's workflows; returns the dialog."""
+    page.command("Comfy.BrowseTemplates")
+    dialog = page.page.locator(".p-dialog").filter(has_text="Custom Nodes")
+    dialog.wait_for()
+    dialog.get_by_role("option", name=PACK_FOLDER, exact=True).click()
+    return dialog
+
+
+def test_every_example_opens_from_the_template_browser(page):
+    dialog = open_pack_templates(page)
+    cards = dialog.locator(".template-card")
+    cards.first.wait_for()
+    page.page.wait_for_timeout(1000)
+    shoot(page, "0-template-browser")
+    titles = [card.locator("h3").inner_text() for card in cards.all()]
+    assert sorted(titles) == sorted(EXAMPLES)
+    page.page.keyboard.press("Escape")
+    dialog.wait_for(state="detached")
+    for index, name in enumerate(sorted(EXAMPLES)):
+        assert (EXAMPLES_DIR / f"{name}{THUMBNAIL_SUFFIX}").is_file(), f"no thumbnail for {name}"
+        dialog = open_pack_templates(page)
+        dialog.locator(".template-card").filter(has=page.page.locator("h3", has_text=name)).first.click()
+        page.page.wait_for_timeout(1000)
+        visible_dialogs = page.page.locator(".p-dialog:visible")
+        assert visible_dialogs.count() == 0, f"{name}: {visible_dialogs.all_inner_texts()}"
+        boxes = page.node_boxes()
+        assert len(boxes) == len(json.loads((EXAMPLES_DIR / f"{name}.json").read_text())["nodes"])
+        assert overlaps(boxes) == [], name
+        too_small = [b["title"] for b in boxes if b["size"][0] < b["min_size"][0] or b["size"][1] < b["min_size"][1]]
+        assert too_small == [], f"{name}: nodes smaller than their contents"
+        assert any(b["type"] == "Note" for b in boxes), f"{name}: no Note"
+        page.command("Comfy.Canvas.FitView")
+        shoot(page, f"1-example-{index}")
+
+
+def search(page, text, expected):
+    """Double-click the empty canvas, type into the node search; returns the result lines once ``expected`` (a
+    display name) is among them, or after 10 s."""
+    page.page.keyboard.press("Escape")
+    page.page.mouse.dblclick(800, 520)
+    page.page.keyboard.type(text)
+    options = page.page.locator("li[role=option]")
+    try:
+        options.filter(has_text=expected).first.wait_for(timeout=10_000)
+    except PlaywrightTimeout:
+        pass
+    page.page.wait_for_timeout(300)
+    return [line.strip() for line in options.all_inner_texts()]
+
+
+def test_consistency_finds_every_node_of_the_pack(page):
+    page.command("Comfy.NewBlankWorkflow")
+    results = search(page, "consistency", NODE_DISPLAY_NAME_MAPPINGS["DiffusionRefine"])
+    shoot(page, "2-search-consistency")
+    page.page.keyboard.press("Escape")
+    found = {line.split("\n")[0].strip() for line in results}
+    assert set(NODE_DISPLAY_NAME_MAPPINGS.values()) <= found, results
+
+
+def tiny_graph(definitions, with_refine):
+    """Tiny test model, two conditionings and a 64x64 latent (left); a Refine and two SaveLatents (right).
+
+    Returns (workflow, ids); the middle of the canvas stays empty for the Diffusion Preview."""
+    graph = UIGraph(definitions)
+    ids = {
+        "model": graph.add("TinyTestModel", (0, 0), kind="eps", seed=0),
+        "positive": graph.add("TinyTestConditioning", (0, 160), seed=1),
+        "negative": graph.add("TinyTestConditioning", (0, 280), seed=2),
+        "latent": graph.add("EmptyLatentImage", (0, 400), width=64, height=64, batch_size=1),
+        "save_preview": graph.add("SaveLatent", (1100, 0), filename_prefix="latents/preview"),
+    }
+    if with_refine:
+        ids["refine"] = graph.add("DiffusionRefine", (1100, 180), approve=False, select="all", **REFINE)
+        ids["save_refined"] = graph.add("SaveLatent", (1100, 520), filename_prefix="latents/refined")
+        for name in ("model", "positive", "negative"):
+            graph.connect(ids[name], 0, ids["refine"], name)
+        graph.connect(ids["refine"], 0, ids["save_refined"], "samples")
+    return graph, ids
+
+
+def show_at_scale_one(page):
+    page.evaluate("() => { app.canvas.ds.offset = [80, 80]; app.canvas.ds.scale = 1; app.canvas.setDirty(true, true) }")
+
+
+def add_from_search(page, query, title):
+    """Adds the node whose search result starts with ``title`` at the middle of the canvas; returns its id."""
+    results = search(page, query, title)
+    position = next(i for i, line in enumerate(results) if line.startswith(title))
+    for _ in range(position):
+        page.page.keyboard.press("ArrowDown")
+    page.page.keyboard.press("Enter")
+    page.page.wait_for_timeout(300)
+    return page.evaluate("() => app.graph.nodes.at(-1).id")
+
+
+def connect(page, origin, slot, target, input_name):
+    page.evaluate(
+        """([origin, slot, target, name]) => {
+            const node = app.graph.getNodeById(target)
+            app.graph.getNodeById(origin).connect(slot, node, node.findInputSlot(name))
+        }""",
+        [origin, slot, target, input_name],
+    )
+
+
+def widget(page, node_id, name):
+    return page.evaluate(
+        "([id, name]) => app.graph.getNodeById(id).widgets.find(w => w.name === name).value", [node_id, name]
+    )
+
+
+def click_widget(page, node_id, name):
+    """A real mouse click on a node's widget, where the canvas draws it."""
+    x, y = page.evaluate(
+        """([id, name]) => {
+            const node = app.graph.getNodeById(id)
+            const widget = node.widgets.find(w => w.name === name)
+            const rect = app.canvas.canvas.getBoundingClientRect()
+            const [x, y] = app.canvas.ds.convertOffsetToCanvas(
+                [node.pos[0] + node.size[0] / 2, node.pos[1] + widget.y + LiteGraph.NODE_WIDGET_HEIGHT / 2])
+            return [rect.left + x, rect.top + y]
+        }""",
+        [node_id, name],
+    )
+    page.page.mouse.click(x, y)
+    page.page.wait_for_timeout(300)
+
+
+def run(page, server):
+    """Clicks Run and waits for the prompt to finish; returns its history entry."""
+    before = set(server.get("/history"))
+    page.page.get_by_test_id("queue-button").click()
+    page.page.wait_for_timeout(500)
+    page.wait_for_idle_queue()
+    new = [prompt_id for prompt_id in server.get("/history") if prompt_id not in before]
+    assert len(new) == 1, f"expected one new prompt, got {len(new)}"
+    return server.get(f"/history/{new[0]}")[new[0]]
+
+
+def saved_latent(server, history, node_id):
+    saved = history["outputs"][str(node_id)]["latents"][0]
+    return load_file(server.base / "output" / saved["subfolder"] / saved["filename"])["latent_tensor"]
+
+
+def ksampler_latent(server, seed):
+    """The stock KSampler's render of ``seed`` with the Refine's settings and sampler (dpmpp_2m)."""
+    prompt = {
+        "1": {"class_type": "TinyTestModel", "inputs": {"kind": "eps", "seed": 0}},
+        "2": {"class_type": "TinyTestConditioning", "inputs": {"seed": 1}},
+        "3": {"class_type": "TinyTestConditioning", "inputs": {"seed": 2}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "KSampler",
+              "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+                         "seed": seed, "sampler_name": "dpmpp_2m", "denoise": 1.0, **REFINE}},
+        "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "latents/ksampler"}},
+    }  # fmt: skip
+    reply = server.post_prompt(prompt)
+    assert reply.get("node_errors") == {}, reply
+    return saved_latent(server, server.wait_for_history(reply["prompt_id"]), 6)
+
+
+def test_approving_renders_the_preview_on_screen_whatever_the_seed_control(page, server):
+    """The seed trap: a Preview from the node search has 'randomize'; approving must still render the seed seen."""
+    graph, ids = tiny_graph(server.get("/object_info"), with_refine=True)
+    page.load_workflow(graph.to_json())
+    show_at_scale_one(page)
+    preview = add_from_search(page, "Diffusion Preview", "Diffusion Preview")
+    assert widget(page, preview, "control_after_generate") == "randomize"  # what the frontend gives a new node
+    for name in ("model", "positive", "negative"):
+        connect(page, ids[name], 0, preview, name)
+    connect(page, ids["latent"], 0, preview, "latent_image")
+    connect(page, preview, 0, ids["save_preview"], "samples")
+    connect(page, preview, 1, ids["refine"], "preview_state")
+    shoot(page, "3-preview-added-from-search")
+
+    previewing = run(page, server)
+    assert previewing["status"]["status_str"] == "success", previewing["status"]
+    seen_seed = previewing["prompt"][2][str(preview)]["inputs"]["seed"]
+    seen = saved_latent(server, previewing, ids["save_preview"])
+    shoot(page, "4-after-the-preview-run")
+    assert str(ids["save_refined"]) not in previewing["outputs"]  # approve off: the refine waited
+
+    click_widget(page, ids["refine"], "approve")
+    assert widget(page, ids["refine"], "approve") is True
+    shoot(page, "5-approve-switched-on")
+    approving = run(page, server)
+    assert approving["status"]["status_str"] == "success", approving["status"]
+    shoot(page, "6-after-the-approving-run")
+    refined_seed = approving["prompt"][2][str(preview)]["inputs"]["seed"]
+    refined = saved_latent(server, approving, ids["save_refined"])
+
+    assert refined_seed == seen_seed, f"the preview on screen had seed {seen_seed}, the approving run {refined_seed}"
+    assert torch.equal(refined, ksampler_latent(server, seen_seed)), "the refine is not KSampler's render of it"
+    cached = next(data for event, data in approving["status"]["messages"] if event == "execution_cached")
+    assert str(preview) in cached["nodes"], "the approving run computed the preview again"
+    assert torch.equal(saved_latent(server, approving, ids["save_preview"]), seen)
+
+    # Approve off again: the next run previews a new seed, and the seed shown is that preview's.
+    click_widget(page, ids["refine"], "approve")
+    next_run = run(page, server)
+    next_seed = next_run["prompt"][2][str(preview)]["inputs"]["seed"]
+    assert next_seed != seen_seed
+    assert widget(page, preview, "seed") == next_seed
+
+
+def test_ksampler_at_an_untrained_step_count_says_what_to_change(page, server):
+    graph, ids = tiny_graph(server.get("/object_info"), with_refine=False)
+    sampler = graph.add("KSampler", (500, 0), seed=1, steps=20, cfg=4.0, sampler_name="consistency_solver",
+                        scheduler="karras")  # fmt: skip
+    for name in ("model", "positive", "negative"):
+        graph.connect(ids[name], 0, sampler, name)
+    graph.connect(ids["latent"], 0, sampler, "latent_image")
+    graph.connect(sampler, 0, ids["save_preview"], "samples")
+    page.load_workflow(graph.to_json())
+    show_at_scale_one(page)
+    history = run(page, server)
+    assert history["status"]["status_str"] == "error"
+    dialog = page.page.locator(".p-dialog:visible")
+    dialog.first.wait_for()
+    shoot(page, "7-ksampler-20-steps-error")
+    message = dialog.first.inner_text()
+    print(f"KSampler at 20 steps, the dialog says:\n{message}")
+    assert "20" in message and "4-12" in message, message
+    for jargon in ("=True", "python -m", "--"):
+        assert jargon not in message, f"{jargon!r} in {message}"
+    page.page.keyboard.press("Escape")
+
+
+def test_no_page_error_came_from_the_pack(page):
+    assert page.pack_errors == [], f"errors in {EXTENSION_PATH}: {page.pack_errors}"

@@ -1,0 +1,81 @@
+// Diffusion Preview's seed: approving renders the preview you saw, whatever "control after generate" says.
+//
+// The frontend changes a seed right after queueing a run (or, with the "before" setting, before every run but
+// the first), so once a preview is on screen the seed widget already holds the next seed: switching the
+// Refine's approve on and running again would preview and render that unseen seed. On a Diffusion Preview the
+// change is therefore made at the start of the next run instead, and not at all while a Diffusion Refine fed
+// by it has approve on. The seed shown is always the seed of the preview on screen, and the approving run
+// reuses the cached preview.
+import { app } from "../../scripts/app.js";
+
+const PREVIEW = "DiffusionPreview";
+const REFINE = "DiffusionRefine";
+const REROUTE = "Reroute";
+// The frontend's own bounds for a number that "randomize" may reach.
+const LARGEST_SEED = 1125899906842624;
+
+function linkTargets(graph, node) {
+  const targets = [];
+  for (const output of node.outputs ?? []) {
+    for (const linkId of output.links ?? []) {
+      const link = graph.links instanceof Map ? graph.links.get(linkId) : graph.links[linkId];
+      const target = link && graph.getNodeById(link.target_id);
+      if (target) targets.push(target);
+    }
+  }
+  return targets;
+}
+
+function approvedDownstream(preview) {
+  const pending = linkTargets(preview.graph, preview);
+  const seen = new Set();
+  while (pending.length) {
+    const node = pending.pop();
+    if (seen.has(node.id)) continue;
+    seen.add(node.id);
+    if (node.type === REFINE && node.widgets?.find((widget) => widget.name === "approve")?.value) return true;
+    if (node.type === REROUTE) pending.push(...linkTargets(node.graph, node));
+  }
+  return false;
+}
+
+function nextSeed(mode, seed) {
+  const step = seed.options.step2 ?? 1;
+  const min = Math.max(-LARGEST_SEED, seed.options.min ?? 0);
+  const max = Math.min(LARGEST_SEED, seed.options.max ?? LARGEST_SEED);
+  let value = seed.value;
+  if (mode === "increment") value += step;
+  else if (mode === "decrement") value -= step;
+  else if (mode === "randomize") value = Math.floor(Math.random() * ((max - min) / step)) * step + min;
+  return Math.min(max, Math.max(min, value));
+}
+
+function holdSeedUntilNextPreview(node) {
+  const seed = node.widgets?.find((widget) => widget.name === "seed");
+  const control = seed?.linkedWidgets?.[0];
+  if (!control) return;
+  let changeDue = false;
+  control.label = "seed on next run";
+  control.tooltip =
+    "Changes the seed at the start of the next run, so the seed shown is the one of the preview on screen. " +
+    "It stays as it is while the Diffusion Refine's approve is on: approving renders the preview you saw.";
+  control.afterQueued = () => {
+    changeDue = true;
+  };
+  control.beforeQueued = () => {
+    if (!changeDue || approvedDownstream(node)) return;
+    changeDue = false;
+    const value = nextSeed(control.value, seed);
+    if (value !== seed.value) {
+      seed.value = value;
+      seed.callback?.(value);
+    }
+  };
+}
+
+app.registerExtension({
+  name: "consistency_solver.DiffusionPreviewSeed",
+  nodeCreated(node) {
+    if ((node.comfyClass ?? node.type) === PREVIEW) holdSeedUntilNextPreview(node);
+  },
+});
