@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Development set-up: a .venv with torch 2.14.1 + torchvision 0.29.1 (ComfyUI needs torchvision), this pack in editable
-# mode with its dev extras, and the Fashion-MNIST data from Debian. Safe to run again; it only adds what is missing.
+# mode with its dev extras, the Fashion-MNIST data and chromium from Debian. Safe to run again; it only adds what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,10 +12,15 @@ pip_install() { .venv/bin/python -m pip install -q --disable-pip-version-check "
 pip_install -e '.[dev]'
 .venv/bin/python -c "import consistency_solver.solver" # fail here, not in the first test, if the install is broken
 
-if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+# Debian packages: the Fashion-MNIST data, and chromium for the browser test (driven by playwright, never by a
+# browser playwright would download).
+missing=()
+[ -d /usr/share/datasets/fashion-mnist ] || missing+=(dataset-fashion-mnist)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "note: Fashion-MNIST is missing; install the Debian package dataset-fashion-mnist (tests needing it will skip)"
+    echo "note: missing Debian packages ${missing[*]} (apt-get install them; the tests needing them will skip)"
   fi
 fi

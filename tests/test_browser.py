@@ -295,9 +295,7 @@ def test_ksampler_at_an_untrained_step_count_says_what_to_change(page, server):
     shoot(page, "7-ksampler-20-steps-error")
     message = dialog.first.inner_text()
     print(f"KSampler at 20 steps, the dialog says:\n{message}")
-    assert "20" in message and "4-12" in message, message
-    for jargon in ("=True", "python -m", "--"):
-        assert jargon not in message, f"{jargon!r} in {message}"
+    assert "KSampler" in message and "4-12" in message and "not 20" in message, message
     page.page.keyboard.press("Escape")
 
 

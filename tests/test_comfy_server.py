@@ -52,7 +52,11 @@ def test_the_pack_loads_and_registers_its_sampler_and_nodes(server):
     assert info["ConsistencySolverScheduler"]["display_name"] == "Consistency Solver Scheduler"
     for node in ("KSampler", "KSamplerAdvanced", "BasicScheduler", "DiffusionPreview", "DiffusionRefine"):
         assert "consistency_solver" in info[node]["input"]["required"]["scheduler"][0], node
-    assert COEFFICIENT_FILE in info["DiffusionPreview"]["input"]["required"]["coefficients"][0]
+    # What artists are offered: auto, the defaults, their own files, the presets marked untrained; no test beds.
+    assert info["DiffusionPreview"]["input"]["required"]["coefficients"][0] == [
+        "auto", "default-eps.safetensors", "default-flow.safetensors", COEFFICIENT_FILE,
+        "euler (untrained)", "ab2 (untrained)", "ab3 (untrained)", "ab4 (untrained)", "ipndm (untrained)",
+    ]  # fmt: skip
     assert info["DiffusionPreview"]["output"] == ["LATENT", "PREVIEW_STATE"]
 
 
@@ -128,6 +132,27 @@ def test_an_untrained_step_count_fails_with_the_fix_in_the_ui_message(server):
         "Set steps to 4 in Consistency Solver Scheduler, or use BasicScheduler: the consistency_solver scheduler "
         "uses the schedule learned with the coefficient file 'test-table.safetensors', which covers 4 steps, not 5."
     )
+
+
+@pytest.mark.parametrize("preset", ["ab2 (untrained)", "ab2"])
+def test_a_preset_runs_by_its_marked_name_and_by_the_bare_name_older_workflows_saved(server, preset):
+    prompt = learned_schedule_prompt(4)
+    del prompt["5"], prompt["6"]["inputs"]["loaded_coefficients"]
+    prompt["6"]["inputs"]["coefficients"] = preset
+    prompt["7"] = {"class_type": "BasicScheduler",
+                   "inputs": {"model": ["1", 0], "scheduler": "karras", "steps": 4, "denoise": 1.0}}  # fmt: skip
+    reply = server.post_prompt(prompt)
+    assert reply.get("node_errors") == {}, reply
+    history = server.wait_for_history(reply["prompt_id"])
+    assert history["status"]["status_str"] == "success", history["status"]
+
+
+def test_a_coefficient_choice_that_is_gone_is_refused_before_running(server):
+    prompt = learned_schedule_prompt(4)
+    prompt["5"]["inputs"]["coefficients"] = "gone.safetensors"
+    reply = server.post_prompt(prompt)
+    errors = reply["node_errors"]["5"]["errors"]
+    assert "Pick another coefficients entry: 'gone.safetensors' is not in the list" in errors[0]["details"]
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))

@@ -12,8 +12,12 @@ from consistency_solver.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPP
 from consistency_solver.nodes.coefficients import (
     AUTO,
     CoefficientSelection,
+<<<<<<< HEAD
     NoLearnedSchedule,
     WrongModelFamily,
+=======
+    choice_from_widget,
+>>>>>>> ef4bc16 (Browser test waits for search results; README: the seed design, the browser test, the examples and dropdowns; setup installs chromium, dev extras playwright; cropped thumbnails, tighter Notes; tests for marked presets and legacy names)
     coefficient_choices,
     describe_choice,
     file_fingerprint,
@@ -54,6 +58,7 @@ from consistency_solver.solver import (
 )
 
 SCHEDULERS = ["simple", "karras", "normal"]
+MARKED_PRESETS = [f"{name} (untrained)" for name in PRESET_NAMES]
 
 
 @pytest.fixture
@@ -123,7 +128,7 @@ def test_preview_and_refine_declare_the_issue_inputs_and_outputs(live_lists):
     assert definitions.ConsistencySolverCoefficients.RETURN_TYPES == ("CONSISTENCY_COEFFICIENTS",)
     sampler = definitions.SamplerConsistencySolver.INPUT_TYPES()
     assert sampler["optional"]["loaded_coefficients"][0] == "CONSISTENCY_COEFFICIENTS"
-    assert sampler["required"]["coefficients"][0] == [AUTO, "mine.safetensors", *PRESET_NAMES]
+    assert sampler["required"]["coefficients"][0] == [AUTO, "mine.safetensors", *MARKED_PRESETS]
 
 
 def test_loader_and_sampler_nodes_pass_the_selection_on():
@@ -131,8 +136,20 @@ def test_loader_and_sampler_nodes_pass_the_selection_on():
     assert selection == CoefficientSelection("ab3", "expectation", True)
 
 
-def test_choices_list_auto_then_files_then_presets():
-    assert coefficient_choices(["a.safetensors"]) == ["auto", "a.safetensors", "euler", "ab2", "ab3", "ab4", "ipndm"]
+def test_choices_list_auto_then_files_then_presets_marked_untrained():
+    assert coefficient_choices(["a.safetensors"]) == ["auto", "a.safetensors", *MARKED_PRESETS]
+    assert MARKED_PRESETS[0] == "euler (untrained)"
+
+
+def test_a_marked_preset_and_its_bare_name_of_older_workflows_choose_the_preset(live_lists):
+    assert choice_from_widget("ab3 (untrained)") == choice_from_widget("ab3") == "ab3"
+    assert choice_from_widget("mine.safetensors") == "mine.safetensors"
+    (selection,) = definitions.ConsistencySolverCoefficients().load("ab3 (untrained)", "expectation", True)
+    assert selection == CoefficientSelection("ab3", "expectation", True)
+    for node in (definitions.SamplerConsistencySolver, definitions.DiffusionPreview):
+        for value in ("ab3", "ab3 (untrained)", "mine.safetensors", "auto"):
+            assert node.VALIDATE_INPUTS(coefficients=value) is True, value
+        assert node.VALIDATE_INPUTS(coefficients="gone.safetensors").startswith("Pick another coefficients entry")
 
 
 def test_presets_resolve_for_both_model_kinds():
@@ -291,7 +308,7 @@ def test_the_scheduler_node_sits_with_the_stock_schedulers(live_lists):
     assert node.RETURN_TYPES == ("SIGMAS",)
     inputs = node.INPUT_TYPES()
     assert list(inputs["required"]) == ["model", "steps", "denoise", "coefficients"]
-    assert inputs["required"]["coefficients"][0] == [AUTO, "mine.safetensors", *PRESET_NAMES]
+    assert inputs["required"]["coefficients"][0] == [AUTO, "mine.safetensors", *MARKED_PRESETS]
     assert inputs["required"]["denoise"][1]["min"] == 0.0  # as BasicScheduler: 0 gives no steps
     assert inputs["optional"]["loaded_coefficients"][0] == "CONSISTENCY_COEFFICIENTS"
     assert "python" not in node.DESCRIPTION and "--" not in node.DESCRIPTION

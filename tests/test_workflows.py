@@ -31,7 +31,7 @@ def preview_refine(our_definitions):
     graph = UIGraph(our_definitions)
     preview = graph.add("DiffusionPreview", (0, 0), seed=3, scheduler="karras")
     refine = graph.add("DiffusionRefine", (400, 0), approve=True, select="0,1")
-    solver = graph.add("SamplerConsistencySolver", (0, 400), coefficients="ab3")
+    solver = graph.add("SamplerConsistencySolver", (0, 400), coefficients="ab3 (untrained)")
     sources = graph.add("Sources", (0, 600))
     for node in (preview, refine):
         graph.connect(sources, 0, node, "model")
