@@ -63,7 +63,8 @@ def _coefficient_widget() -> tuple[list[str], dict[str, Any]]:
             "default": "auto",
             "tooltip": "Which solver coefficients to use. 'auto' = the pack's trained default for this kind of "
             "model (SD1.5/SDXL-type, or flow models such as SD3 and Flux). Files come from "
-            "models/consistency_solver/; the entries marked untrained (euler, ab2-ab4, ipndm) are classic solvers, for comparison.",
+            "models/consistency_solver/; the entries marked untrained (euler, ab2-ab4, ipndm) are classic solvers, "
+            "for comparison.",
         },
     )
 

@@ -12,12 +12,9 @@ from consistency_solver.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPP
 from consistency_solver.nodes.coefficients import (
     AUTO,
     CoefficientSelection,
-<<<<<<< HEAD
     NoLearnedSchedule,
     WrongModelFamily,
-=======
     choice_from_widget,
->>>>>>> ef4bc16 (Browser test waits for search results; README: the seed design, the browser test, the examples and dropdowns; setup installs chromium, dev extras playwright; cropped thumbnails, tighter Notes; tests for marked presets and legacy names)
     coefficient_choices,
     describe_choice,
     file_fingerprint,
