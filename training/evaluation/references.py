@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ...solver import Preset, sample_consistency_solver
+from ...solver import Preset, check_choice, sample_consistency_solver
 from ..testbeds.base import TestBed
 
 TRAINING_SEED_LIMIT = 10_000  # training noises use seeds 0 .. 9_999
@@ -86,8 +86,7 @@ def reference_finals(
     ``steps``), the multistep method takes that many steps. ``rtol`` (= atol) applies to ``method="ode"``.
     With ``cache_dir`` the result is stored under a hash of everything that determines it.
     """
-    if method not in REFERENCE_METHODS:
-        raise ValueError(f"unknown reference method {method!r}; methods: {', '.join(REFERENCE_METHODS)}")
+    check_choice("reference method", method, REFERENCE_METHODS)
     cache_path = None
     if cache_dir is not None:
         cache_path = Path(cache_dir) / f"{_cache_key(bed, noise, labels, method, steps, rtol)}.safetensors"

@@ -75,8 +75,7 @@ BASELINE_SAMPLERS: dict[str, Callable[..., Tensor]] = {
 
 def baseline_sampler(name: str) -> Callable[..., Tensor]:
     """The project's reimplementation of a stock sampler (``euler`` or ``dpmpp_2m``), sampler contract."""
-    if name not in BASELINE_SAMPLERS:
-        raise ValueError(f"no project reimplementation of {name!r}; available: {', '.join(BASELINE_SAMPLERS)}")
+    check_choice("reimplemented sampler", name, tuple(BASELINE_SAMPLERS))
     return BASELINE_SAMPLERS[name]
 
 

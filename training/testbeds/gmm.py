@@ -183,8 +183,7 @@ class GMMTestBed(TestBed):
         num_classes: int | None = None,
         guidance: float = 1.0,
     ):
-        if kind not in ("eps", "flow"):
-            raise ValueError(f"kind must be 'eps' or 'flow', got {kind!r}")
+        check_choice("model kind", kind, ("eps", "flow"))
         if math.prod(shape) != mixture.dim:
             raise ValueError(f"shape {shape} has {math.prod(shape)} elements, the mixture has dimension {mixture.dim}")
         if num_classes is not None and not 1 <= num_classes <= mixture.components:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ...solver import save_coefficients
+from ...solver import format_steps, save_coefficients
 from ...solver.coefficients import ROW_SUMS
 from ...solver.files import model_kind
 from ..evaluation.references import REFERENCE_METHODS
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         description = args.description or (
             f"ConsistencySolver {config.form} trained by {config.mode} on {', '.join(names)} "
-            f"for {min(config.steps)}-{max(config.steps)} steps"
+            f"for {format_steps(config.steps)} steps"
             + (", with a learned schedule" if config.schedule == "learned" else "")
         )
         save_coefficients(args.output, trained, model_family=family, description=description, training=training)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ...solver import ConsistencyPolicy, PolicyCoefficients, active_action_mask
+from ...solver import ConsistencyPolicy, PolicyCoefficients, active_action_mask, check_choice
 from ...solver.coefficients import ROW_SUMS, CoefficientSource, history_lengths
 from ..evaluation.evaluator import Sampler, preview_rmse, solver_sampler
 from ..testbeds import run_sigmas
@@ -71,16 +71,11 @@ class TrainConfig:
     row_sums: str = "one"
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r}; modes: {', '.join(MODES)}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; schedules: {', '.join(SCHEDULES)}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"unknown lr schedule {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
-        if self.form not in FORMS:
-            raise ValueError(f"unknown form {self.form!r}; forms: {', '.join(FORMS)}")
-        if self.row_sums not in ROW_SUMS:
-            raise ValueError(f"unknown row sums {self.row_sums!r}; choose one of {', '.join(ROW_SUMS)}")
+        check_choice("mode", self.mode, MODES)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("lr schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice("form", self.form, FORMS)
+        check_choice("row sums", self.row_sums, ROW_SUMS)
         if self.row_sums == "free" and self.form != "table":
             raise ValueError(
                 "free row sums are learned per step of a weight table (the paper's policy keeps rows summing to 1); "
