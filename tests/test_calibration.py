@@ -1,9 +1,11 @@
 """The forward-only calibrator: it recovers a known multistep method, never builds a graph, and keeps its budget."""
 
+import json
+
 import pytest
 import torch
 
-from consistency_solver.solver import Preset, sample_consistency_solver
+from consistency_solver.solver import Preset, load_coefficients, sample_consistency_solver
 from consistency_solver.training.calibration import (
     BudgetTooSmall,
     calibrate,
@@ -11,7 +13,9 @@ from consistency_solver.training.calibration import (
     minimum_budget,
     record_run,
 )
+from consistency_solver.training.evaluation.calibrated import stock_rows
 from consistency_solver.training.testbeds import get_testbed
+from consistency_solver.training.trainer.cli import main
 
 BED = get_testbed("gmm-vector-eps")
 NOISES = 8
@@ -97,3 +101,28 @@ def test_a_budget_below_the_minimum_is_refused_before_any_model_call():
         )
     assert error.value.minimum == minimum
     assert calls == []
+
+
+def test_the_trainer_calibrates_a_bed_within_its_budget_and_reports_against_stock_samplers(tmp_path):
+    output = tmp_path / "calibrated.safetensors"
+    argv = [
+        "--bed", "gmm-vector-eps", "--mode", "calibrate", "--steps", "4,6", "--budget", "700",
+        "--calibration-noises", "8", "--jacobian-noises", "2", "--held-out-count", "16", "--output", str(output),
+    ]  # fmt: skip
+    main(argv)
+    loaded = load_coefficients(output)
+    assert sorted(loaded.tables) == [4, 6] and loaded.row_sums == "free" and sorted(loaded.schedule.positions) == [4, 6]
+    training = json.loads(loaded.metadata["training"])
+    assert training["mode"] == "calibrate" and 8 * 40 + 8 * (3 + 5) <= training["model_calls"] <= 700
+    report = json.loads((tmp_path / "calibrated" / "report.json").read_text())
+    rows = report["held_out_rmse"]
+    assert {"calibrated", "preset ab4"} <= set(rows) and stock_rows(rows)
+    assert set(report["ratios"]) == {"4", "6"}
+
+
+def test_the_trainer_refuses_a_calibration_budget_below_the_minimum(tmp_path):
+    argv = ["--bed", "gmm-vector-eps", "--mode", "calibrate", "--steps", "5,8", "--budget", "100",
+            "--calibration-noises", "8", "--output", str(tmp_path / "x.safetensors")]  # fmt: skip
+    with pytest.raises(SystemExit, match="raise the budget to at least 408 model calls"):
+        main(argv)
+    assert not (tmp_path / "x.safetensors").exists()

@@ -8,6 +8,8 @@ Examples::
     python -m consistency_solver.training --bed gmm-image-eps-cfg --bed fashion-eps-cfg --mode direct
     # a real ComfyUI checkpoint (run with ComfyUI's python; GPU when present)
     python -m consistency_solver.training --comfy-checkpoint sd15.safetensors --prompts prompts.txt --cfg 3
+    # forward-only calibration (no backward pass through the model) within a budget of model calls
+    python -m consistency_solver.training --bed fashion-eps-cfg --mode calibrate --steps 5,8 --budget 3000
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ import torch
 from ...solver import format_steps, save_coefficients
 from ...solver.coefficients import ROW_SUMS
 from ...solver.files import model_kind
+from ..evaluation.calibrated import CALIBRATED, calibrate_bed, held_out_comparison, ratios_to_best_stock
 from ..evaluation.references import REFERENCE_METHODS
-from ..testbeds import TESTBED_NAMES
+from ..testbeds import TESTBED_NAMES, get_testbed
 from . import distributed
-from .comfy_model import CheckpointRequest, NoPrompts, comfy_problem
+from .comfy_model import CheckpointRequest, NoPrompts, comfy_model, comfy_problem
 from .data import ReferenceSettings, bed_problem
 from .loop import (
     FORMS,
@@ -43,6 +46,8 @@ from .loop import (
 from .ppo import PPOSettings
 from .report import write_report
 from .rewards import REWARD_NAMES, load_feature_encoder, make_reward
+
+CALIBRATE = "calibrate"  # forward-only calibration (training.calibration), not a TrainConfig mode
 
 
 def step_range(text: str) -> tuple[int, ...]:
@@ -73,7 +78,22 @@ def parser() -> argparse.ArgumentParser:
     source.add_argument("--device", help="torch device for the model (default: cuda when present, else cpu)")
 
     method = p.add_argument_group("optimisation")
-    method.add_argument("--mode", choices=MODES, default="ppo", help="ppo (the paper) or direct (fast)")
+    method.add_argument(
+        "--mode",
+        choices=(*MODES, CALIBRATE),
+        default="ppo",
+        help="ppo (the paper), direct (fast, back-propagates through the model) or calibrate (forward-only, within "
+        "--budget model calls: one bed or checkpoint)",
+    )
+    method.add_argument(
+        "--budget", type=int, default=3000, help="calibrate: most model calls, the reference runs included"
+    )
+    method.add_argument(
+        "--calibration-noises", type=int, default=24, help="calibrate: noises with a reference run (training seeds)"
+    )
+    method.add_argument(
+        "--jacobian-noises", type=int, default=8, help="calibrate: noises of each finite-difference Jacobian"
+    )
     method.add_argument("--steps", type=step_range, default=tuple(range(4, 13)), help="step counts (default 4-12)")
     method.add_argument("--updates", type=int, default=200)
     method.add_argument("--lr", type=float, default=1e-3)
@@ -189,21 +209,8 @@ def build_problems(args: argparse.Namespace) -> tuple[list[Problem], list[str]]:
         args.reference_method, args.reference_steps, args.train_count, args.held_out_count, args.references_dir
     )
     if args.comfy_checkpoint:
-        if not args.prompts:
-            raise SystemExit("--comfy-checkpoint needs --prompts (a text file with one prompt per line)")
-        request = CheckpointRequest(
-            args.comfy_checkpoint,
-            Path(args.prompts).read_text(),
-            negative=args.negative,
-            cfg=args.cfg,
-            scheduler=args.scheduler,
-            width=args.width,
-            height=args.height,
-            reward=args.reward,
-            comfyui=args.comfyui,
-        )
         try:
-            problem = comfy_problem(request, settings)
+            problem = comfy_problem(checkpoint_request(args), settings)
         except NoPrompts:
             raise SystemExit(f"{args.prompts} has no prompts") from None
         return [problem], [problem.bed.name]
@@ -218,11 +225,72 @@ def build_problems(args: argparse.Namespace) -> tuple[list[Problem], list[str]]:
     return [bed_problem(name, reward, settings) for name in args.bed], list(args.bed)
 
 
+def checkpoint_request(args: argparse.Namespace) -> CheckpointRequest:
+    if not args.prompts:
+        raise SystemExit("--comfy-checkpoint needs --prompts (a text file with one prompt per line)")
+    return CheckpointRequest(
+        args.comfy_checkpoint,
+        Path(args.prompts).read_text(),
+        negative=args.negative,
+        cfg=args.cfg,
+        scheduler=args.scheduler,
+        width=args.width,
+        height=args.height,
+        reward=args.reward,
+        comfyui=args.comfyui,
+    )
+
+
+def calibrate_main(args: argparse.Namespace, command: str) -> None:
+    """``--mode calibrate``: forward-only calibration of one bed or checkpoint, its file and a held-out report."""
+    if args.comfy_checkpoint:
+        try:
+            bed, _ = comfy_model(checkpoint_request(args))
+        except NoPrompts:
+            raise SystemExit(f"{args.prompts} has no prompts") from None
+        name = bed.name
+    elif args.bed and len(args.bed) == 1:
+        bed, name = get_testbed(args.bed[0]), args.bed[0]
+    else:
+        raise SystemExit("--mode calibrate fits one model: give one --bed, or --comfy-checkpoint")
+    steps = tuple(sorted(set(args.steps)))
+    try:
+        calibration = calibrate_bed(
+            bed, steps, args.budget, args.calibration_noises, args.jacobian_noises, args.reference_steps
+        )
+    except ValueError as error:  # BudgetTooSmall and target problems, raised before any model call
+        raise SystemExit(f"error: {error}") from error
+    training = {"command": command, "mode": CALIBRATE, "trained_on": [name], **calibration.summary()}
+    description = args.description or (
+        f"ConsistencySolver table calibrated forward-only on {name} for {', '.join(map(str, steps))} steps, "
+        f"with a schedule, in {calibration.model_calls} model calls"
+    )
+    family = args.model_family or bed.model_family
+    save_coefficients(args.output, calibration.coefficients, model_family=family, description=description,
+                      training=training)  # fmt: skip
+    report_steps = tuple(args.report_steps or steps)
+    rows = held_out_comparison(bed, {CALIBRATED: calibration.coefficients}, report_steps, args.held_out_count)
+    report = {
+        **training,
+        "held_out_count": args.held_out_count,
+        "held_out_rmse": rows,
+        "ratios": ratios_to_best_stock(rows),
+    }
+    report_dir = Path(args.report_dir) if args.report_dir else Path(args.output).with_suffix("")
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+    print(json.dumps({"output": args.output, "report": str(report_dir), **calibration.summary(),
+                      "ratios": report["ratios"]}, indent=2))  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.mode == CALIBRATE:
+        calibrate_main(args, shlex.join(["python", "-m", "consistency_solver.training", *argv]))
+        return
     distributed.initialise()
     leader = distributed.rank() == 0
     try:

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -187,8 +188,8 @@ class NoPrompts(ValueError):
     """The prompt text holds no prompt (every line is blank)."""
 
 
-def comfy_problem(request: CheckpointRequest, settings: ReferenceSettings) -> Problem:
-    """The trainer's Problem for a real checkpoint: its guided model on the prompts, with reference sets."""
+def comfy_model(request: CheckpointRequest) -> tuple[ComfyModel, Any]:
+    """The checkpoint's guided model on the request's prompts (a label is a prompt index), and its VAE."""
     prompts = [line.strip() for line in request.prompt_text.splitlines() if line.strip()]
     if not prompts:
         raise NoPrompts("the prompt text has no prompts")
@@ -207,5 +208,11 @@ def comfy_problem(request: CheckpointRequest, settings: ReferenceSettings) -> Pr
         name=Path(request.checkpoint).stem,
         source=request.prompt_text,
     )
+    return model, vae
+
+
+def comfy_problem(request: CheckpointRequest, settings: ReferenceSettings) -> Problem:
+    """The trainer's Problem for a real checkpoint: its guided model on the prompts, with reference sets."""
+    model, vae = comfy_model(request)
     decode = model.decode(vae) if request.reward.startswith("image-") else None
     return reference_problem(model, make_reward(request.reward, decode=decode), settings)
