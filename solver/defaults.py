@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import check_choice
+
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 _TRAIN = (
     "python -m consistency_solver.training --steps 4-12 --threads 1 --no-progress --mode direct --schedule learned "
@@ -23,6 +25,5 @@ DEFAULT_FILE_COMMANDS = {
 
 def default_file_name(kind: str) -> str:
     """``default-eps.safetensors`` or ``default-flow.safetensors``: the default for a model family."""
-    if kind not in DEFAULT_FILE_COMMANDS:
-        raise ValueError(f"model kind must be one of {tuple(DEFAULT_FILE_COMMANDS)}, got {kind!r}")
+    check_choice("model kind", kind, tuple(DEFAULT_FILE_COMMANDS))
     return f"default-{kind}.safetensors"

@@ -200,8 +200,7 @@ def _stored_coefficients(tensors: dict[str, torch.Tensor], metadata: dict[str, s
             "update the node pack, or re-export the file with this version",
         )
     kind = metadata.get("kind")
-    if kind not in ("policy", "table"):
-        raise _Invalid(f"unknown kind {kind!r} (expected 'policy' or 'table')")
+    _known("kind", kind, ("policy", "table"))
     allowed = _POLICY_KEYS if kind == "policy" else _TABLE_KEYS
     missing, unknown = sorted(allowed - metadata.keys()), sorted(metadata.keys() - allowed)
     if missing or unknown:
