@@ -76,8 +76,8 @@ def _selection_widgets() -> dict[str, tuple]:
             list(INFERENCE_MODE_CHOICES),
             {
                 "default": STORED_MODE,
-                "tooltip": "How a learned policy turns its prediction into weights: 'mode' = most likely value, "
-                "'expectation' = average. Leave it as stored unless you compare the two.",
+                "tooltip": "How trained coefficients pick their weights: 'mode' = the most likely ones, "
+                "'expectation' = their average. Leave it as stored unless you compare the two.",
             },
         ),
         "allow_untrained_steps": (
@@ -194,7 +194,7 @@ class ConsistencySolverScheduler:
     )
     CATEGORY = SCHEDULER_CATEGORY
     RETURN_TYPES = ("SIGMAS",)
-    OUTPUT_TOOLTIPS = ("The learned noise levels over this model's sigma range, ending at 0.",)
+    OUTPUT_TOOLTIPS = ("The learned noise levels, placed in this model's range and ending at 0.",)
     FUNCTION = "get_sigmas"
 
     @classmethod
