@@ -18,7 +18,13 @@ from fixtures.workflows import check_workflow  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 COEFFICIENT_FILE = "test-table.safetensors"
-OUR_NODES = ("ConsistencySolverCoefficients", "SamplerConsistencySolver", "DiffusionPreview", "DiffusionRefine")
+OUR_NODES = (
+    "ConsistencySolverCoefficients",
+    "SamplerConsistencySolver",
+    "DiffusionPreview",
+    "DiffusionRefine",
+    "ConsistencySolverCalibrate",
+)
 SCHEDULE = StepSchedule({4: torch.tensor([0.0, 0.3, 0.55, 0.8], dtype=torch.float64)})
 
 
@@ -86,6 +92,34 @@ def test_preview_then_refine_then_save_latent_over_http(server):
     saved = history["outputs"]["7"]["latents"][0]
     latent = load_file(server.base / "output" / saved["subfolder"] / saved["filename"])["latent_tensor"]
     assert latent.shape == (2, 4, 8, 8) and torch.isfinite(latent).all()
+
+
+def test_calibrate_then_preview_then_refine_over_http(server):
+    """The example workflow's loop with the tiny model: Calibrate writes its file and feeds the Preview."""
+    model = {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0]}
+    prompt = {
+        "1": {"class_type": "TinyTestModel", "inputs": {"kind": "eps", "seed": 0}},
+        "2": {"class_type": "TinyTestConditioning", "inputs": {"seed": 1}},
+        "3": {"class_type": "TinyTestConditioning", "inputs": {"seed": 2}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "ConsistencySolverCalibrate",
+              "inputs": {**model, "latent_image": ["4", 0], "noises": 2, "cfg": 4.0, "preview_steps": "4",
+                         "refine_sampler": "dpmpp_2m", "refine_scheduler": "karras", "refine_steps": 8, "seed": 0,
+                         "budget": 200, "file_name": "over-http"}},
+        "6": {"class_type": "DiffusionPreview",
+              "inputs": {**model, "latent_image": ["4", 0], "seed": 11, "steps": 4, "cfg": 4.0,
+                         "scheduler": "consistency_solver", "denoise": 1.0, "coefficients": "auto",
+                         "loaded_coefficients": ["5", 0]}},
+        "7": {"class_type": "DiffusionRefine",
+              "inputs": {**model, "preview_state": ["6", 1], "approve": True, "select": "all", "steps": 8,
+                         "cfg": 4.0, "scheduler": "karras"}},
+        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "latents/calibrated"}},
+    }  # fmt: skip
+    reply = server.post_prompt(prompt)
+    assert reply.get("node_errors") == {}, reply
+    history = server.wait_for_history(reply["prompt_id"])
+    assert history["status"]["status_str"] == "success", history["status"]
+    assert (server.base / "models" / "consistency_solver" / "over-http.safetensors").is_file()
 
 
 def learned_schedule_prompt(steps):

@@ -347,6 +347,7 @@ class _Fit:
         self.best_rmse, self.start_rmse = math.inf, math.nan
         self.base: _Rollout | None = None  # the best verified rollout
         self.damping = 1e-3  # Levenberg-Marquardt damping, relative to the diagonal of J^T J
+        self.rounds = 0
 
     @property
     def parameter_count(self) -> int:
@@ -385,11 +386,15 @@ class _Fit:
         self.accept(_Rollout(x, states, derivatives), self.weights, self.sigmas)
         self.start_rmse = self.best_rmse
 
-    def accept(self, rollout: _Rollout, weights: Tensor, sigmas: Tensor) -> bool:
-        rmse = (rollout.final - self.finals).square().mean().sqrt().item()
-        if rmse >= self.best_rmse * (1 - MIN_IMPROVEMENT):
-            return False
-        self.best_rmse, self.base, self.weights, self.sigmas = rmse, rollout, weights, sigmas
+    def accept(self, rollout: _Rollout, weights: Tensor, sigmas: Tensor, judged_on: Tensor | None = None) -> bool:
+        """Keep a candidate whose real final error on the ``judged_on`` noises (default: all) beats the best's."""
+        errors = (rollout.final - self.finals).flatten(1).square().mean(dim=1)
+        if self.base is not None:
+            judged_on = self.all_samples if judged_on is None else judged_on
+            if errors[judged_on].mean() >= self.base.errors[judged_on].mean() * (1 - MIN_IMPROVEMENT) ** 2:
+                return False
+        rollout.errors = errors
+        self.best_rmse, self.base, self.weights, self.sigmas = errors.mean().sqrt().item(), rollout, weights, sigmas
         return True
 
     def jacobian(self, evaluate, samples: Tensor) -> Tensor:
@@ -424,9 +429,15 @@ class _Fit:
         return len(self.all_samples) * (self.steps - 1)
 
     def gauss_newton(self, evaluate, jacobian_noises: int, affordable: Callable[[int], bool]) -> None:
-        """One Jacobian from the first ``jacobian_noises`` noises, then damped Gauss-Newton steps of growing damping
-        (up to DAMPING_TRIES, while the budget lasts) until one improves the real final error on all noises."""
-        samples = self.all_samples[:jacobian_noises]
+        """One Jacobian from ``jacobian_noises`` noises (a different window each round), then damped Gauss-Newton
+        steps of growing damping (up to DAMPING_TRIES, while the budget lasts) until one improves the real final
+        error on the other noises: those the step was not fitted on judge it, so it does not overfit the few."""
+        count = len(self.all_samples)
+        window = (self.rounds * jacobian_noises + torch.arange(jacobian_noises)) % count
+        samples = self.all_samples[window]
+        others = self.all_samples[~torch.isin(self.all_samples, samples)]
+        judged_on = others if len(others) else self.all_samples
+        self.rounds += 1
         jacobian = self.jacobian(evaluate, samples)
         residual = (self.base.final[samples] - self.finals[samples]).flatten()
         normal, gradient = jacobian.T @ jacobian, jacobian.T @ residual
@@ -442,7 +453,7 @@ class _Fit:
                 if not affordable(self.rollout_cost()):
                     return
                 rollout = _Rollout(*self.run(evaluate, None, 0, self.start, sigmas, weights, self.all_samples))
-                if self.accept(rollout, weights, sigmas):
+                if self.accept(rollout, weights, sigmas, judged_on):
                     self.damping = max(self.damping / DAMPING_FACTOR, 1e-6)
                     return
             self.damping *= DAMPING_FACTOR
@@ -455,3 +466,4 @@ class _Rollout:
     final: Tensor
     states: list[Tensor]
     derivatives: list[Tensor]
+    errors: Tensor | None = None  # per noise, the final's mean squared error (set when it is accepted)
