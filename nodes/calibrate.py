@@ -76,6 +76,18 @@ def calibration_file_name(name: str) -> str:
     return f"{name}.safetensors"
 
 
+def sampler_names() -> list[str]:
+    import comfy.samplers
+
+    return comfy.samplers.KSampler.SAMPLERS
+
+
+def scheduler_names() -> list[str]:
+    import comfy.samplers
+
+    return comfy.samplers.KSampler.SCHEDULERS
+
+
 class ConsistencySolverCalibrate:
     DESCRIPTION = (
         "Fits ConsistencySolver coefficients to this model and these prompts in minutes, with forward passes "
@@ -92,8 +104,6 @@ class ConsistencySolverCalibrate:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
-        import comfy.samplers
-
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The diffusion model the previews will run on."}),
@@ -128,14 +138,14 @@ class ConsistencySolverCalibrate:
                     {"default": DEFAULT_STEPS, "tooltip": "The preview step counts to calibrate, e.g. 5,8."},
                 ),
                 "refine_sampler": (
-                    comfy.samplers.KSampler.SAMPLERS,
+                    sampler_names(),
                     {
                         "default": REFINE_SAMPLER,
                         "tooltip": "The sampler of the final render the previews should match.",
                     },
                 ),
                 "refine_scheduler": (
-                    comfy.samplers.KSampler.SCHEDULERS,
+                    scheduler_names(),
                     {"default": REFINE_SCHEDULER, "tooltip": "The scheduler of the final render."},
                 ),
                 "refine_steps": (
