@@ -35,9 +35,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .coefficients import ROW_SUMS, TableCoefficients, table_problem
 from .errors import UnknownChoice, check_choice
@@ -103,6 +103,24 @@ class _StoredCoefficients:
     schedule: StepSchedule | None
 
 
+def write_safetensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """Write a ``.safetensors`` file whole or not at all, with the permissions the umask gives any new file.
+
+    The bytes go to a file beside ``path`` that then replaces it, so an interrupted write never leaves a truncated
+    file under the real name; Python's ``open`` is used because safetensors' own ``save_file`` creates mode 0600.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    try:
+        partial.write_bytes(safetensors.torch.save(tensors, metadata=metadata))
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def model_kind(model_family: str) -> str:
     """``sd15-eps`` -> ``eps``, ``flow`` -> ``flow``, ``any`` -> ``any``."""
     return model_family.rsplit("-", 1)[-1]
@@ -155,8 +173,7 @@ def save_coefficients(
             f"schedule.N{n}": positions.detach().to("cpu", torch.float64).contiguous()
             for n, positions in coefficients.schedule.positions.items()
         }
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, os.fspath(path), metadata=metadata)
+    write_safetensors(path, tensors, metadata)
 
 
 def load_coefficients(

@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor
 
 from ...solver import Preset, check_choice, sample_consistency_solver
+from ...solver.files import write_safetensors
 from ..testbeds.base import TestBed
 
 TRAINING_SEED_LIMIT = 10_000  # training noises use seeds 0 .. 9_999
@@ -84,23 +87,43 @@ def reference_finals(
 
     ``steps`` fixes the schedule: the ODE runs to its last nonzero sigma (for flow beds that depends on
     ``steps``), the multistep method takes that many steps. ``rtol`` (= atol) applies to ``method="ode"``.
-    With ``cache_dir`` the result is stored under a hash of everything that determines it.
+    With ``cache_dir`` the result is stored under a hash of everything that determines it; a cache file that
+    cannot be read (say, cut short by a full disk) is named in a warning and rebuilt.
     """
     check_choice("reference method", method, REFERENCE_METHODS)
     cache_path = None
     if cache_dir is not None:
         cache_path = Path(cache_dir) / f"{_cache_key(bed, noise, labels, method, steps, rtol)}.safetensors"
-        if cache_path.is_file():
-            return load_file(os.fspath(cache_path))["finals"].to(noise.dtype)
+        cached = _cached_finals(cache_path, noise) if cache_path.is_file() else None
+        if cached is not None:
+            return cached
     if method == "ode":
         finals = _ode_finals(bed, noise, labels, steps, rtol)
     else:
         finals = multistep_run(bed, noise, labels, steps)
     finals = finals.to(noise.dtype)
     if cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"finals": finals.contiguous()}, os.fspath(cache_path))
+        write_safetensors(cache_path, {"finals": finals.contiguous()})
     return finals
+
+
+def _cached_finals(path: Path, noise: Tensor) -> Tensor | None:
+    """The finals stored at ``path``, or None (after a warning naming the file) when they cannot be used."""
+    try:
+        finals = load_file(os.fspath(path)).get("finals")
+    except (OSError, SafetensorError) as error:
+        problem = f"it cannot be read ({error})"
+    else:
+        if finals is None:
+            problem = "it holds no 'finals' tensor"
+        elif finals.shape != noise.shape:
+            problem = f"it holds finals of shape {tuple(finals.shape)}, not {tuple(noise.shape)}"
+        elif not finals.isfinite().all():
+            problem = "it holds NaN or infinite values"
+        else:
+            return finals.to(noise.dtype)
+    warnings.warn(f"reference cache file {os.fspath(path)!r} is damaged: {problem}; computing it again", stacklevel=3)
+    return None
 
 
 def _cache_key(bed: TestBed, noise: Tensor, labels: Tensor | None, method: str, steps: int, rtol: float) -> str:
