@@ -16,10 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import shlex
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 
@@ -27,7 +32,7 @@ from ...solver import format_steps, save_coefficients
 from ...solver.coefficients import ROW_SUMS
 from ...solver.files import model_kind
 from ..evaluation.calibrated import CALIBRATED, calibrate_bed, held_out_comparison, ratios_to_best_stock
-from ..evaluation.references import REFERENCE_METHODS
+from ..evaluation.references import REFERENCE_METHODS, TRAINING_SEED_LIMIT, reference_cache_dir
 from ..testbeds import TESTBED_NAMES, get_testbed
 from . import distributed
 from .comfy_model import CheckpointRequest, NoPrompts, comfy_model, comfy_problem
@@ -37,10 +42,16 @@ from .loop import (
     LR_SCHEDULES,
     MODES,
     SCHEDULES,
+    CheckpointError,
+    CheckpointMismatch,
+    CheckpointWriteError,
     Problem,
+    SettingError,
     TrainConfig,
+    TrainState,
     coefficients,
     evaluate_policy,
+    read_checkpoint,
     train,
 )
 from .ppo import PPOSettings
@@ -55,10 +66,16 @@ def step_range(text: str) -> tuple[int, ...]:
     try:
         if "-" in text:
             low, high = (int(part) for part in text.split("-"))
-            return tuple(range(low, high + 1))
-        return tuple(int(part) for part in text.split(","))
+            steps = tuple(range(low, high + 1))
+        else:
+            steps = tuple(int(part) for part in text.split(","))
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"step counts look like 4-12 or 4,5,8, got {text!r}") from error
+    if not steps:
+        raise argparse.ArgumentTypeError(
+            f"a step range goes from the lower count to the higher, e.g. 4-12, got {text!r}"
+        )
+    return steps
 
 
 def parser() -> argparse.ArgumentParser:
@@ -154,8 +171,20 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--model-family", help="override the recorded model family (<name>-eps or <name>-flow)")
     run.add_argument("--description", default="")
     run.add_argument("--checkpoint", help="training checkpoint file (default: <output>.ckpt)")
-    run.add_argument("--resume", action="store_true", help="continue from --checkpoint when it exists")
-    run.add_argument("--report-dir", help="where report.json and report.png go (default: next to --output)")
+    run.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=TrainConfig.checkpoint_every,
+        help="write the checkpoint every N updates (and at the end): a crash or Ctrl-C loses at most N updates",
+    )
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --checkpoint (refused when there is none); a finished run writes its file again",
+    )
+    run.add_argument(
+        "--report-dir", help="where report.json and report.png go (default: --output without .safetensors)"
+    )
     run.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N updates (0: off)")
     run.add_argument(
         "--report-steps",
@@ -185,6 +214,7 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
         ppo=PPOSettings(args.rollouts, args.epochs, args.clip, args.entropy_coef, args.std_floor),
         eval_steps=tuple(args.report_steps or (5, 8)),
         eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
         gradient_checkpointing=args.gradient_checkpointing,
         schedule=args.schedule,
         form=args.form,
@@ -193,15 +223,188 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-def model_family(problems: list[Problem]) -> str:
-    """``fashion-eps`` for one bed, ``fashion+gmm-eps`` for a mix; mixing eps and flow models is refused."""
-    families = sorted({p.bed.model_family for p in problems})
-    kinds = {model_kind(f) for f in families}
-    if len(kinds) != 1:
-        raise SystemExit(f"cannot train one policy for eps and flow models together ({', '.join(families)})")
-    if len(families) == 1:
-        return families[0]
-    return "+".join(f.rsplit("-", 1)[0] for f in families) + f"-{kinds.pop()}"
+# Settings whose flag is not --<name with dashes>.
+SETTING_FLAGS = {"eval_steps": "--report-steps"}
+
+
+def flag(name: str) -> str:
+    return SETTING_FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def shown(value: Any) -> str:
+    """A value as it is typed on the command line (step counts as 4-12 or 4,5,8)."""
+    if isinstance(value, tuple | list):
+        if len(value) > 1 and tuple(value) == tuple(range(value[0], value[-1] + 1)):
+            return f"{value[0]}-{value[-1]}"
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def refuse(p: argparse.ArgumentParser, name: str, rule: str, value: Any) -> NoReturn:
+    default = p.get_default(name)
+    hint = "" if default is None else f" (default {shown(default)})"
+    raise SystemExit(f"error: set {flag(name)} to {rule}{hint}, not {shown(value)}")
+
+
+def checked_config(p: argparse.ArgumentParser, args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of the flags; refuses bad values."""
+    try:
+        return config_from(args)
+    except SettingError as error:
+        refuse(p, error.name, error.rule, error.value)
+    except ValueError as error:  # a combination of flags: its message names them
+        raise SystemExit(f"error: {error}") from error
+
+
+def check_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuses bad values of the flags that TrainConfig does not hold."""
+    at_least_one = "a whole number of at least 1"
+    checks = [
+        ("threads", args.threads is None or args.threads >= 1, at_least_one),
+        (
+            "train_count",
+            1 <= args.train_count <= TRAINING_SEED_LIMIT,
+            f"a whole number from 1 to {TRAINING_SEED_LIMIT}",
+        ),
+        ("held_out_count", args.held_out_count >= 1, at_least_one),
+        ("reference_steps", args.reference_steps >= 1, at_least_one),
+        ("cfg", math.isfinite(args.cfg) and args.cfg >= 0, "a finite number of at least 0"),
+        ("width", args.width > 0 and args.width % 8 == 0, "a positive multiple of 8"),
+        ("height", args.height > 0 and args.height % 8 == 0, "a positive multiple of 8"),
+    ]
+    for name, valid, rule in checks:
+        if not valid:
+            refuse(p, name, rule, getattr(args, name))
+    if args.report_steps and not set(args.report_steps) <= set(args.steps):
+        refuse(p, "report_steps", f"step counts among --steps ({shown(args.steps)})", args.report_steps)
+
+
+def check_source(args: argparse.Namespace) -> None:
+    """What to train for: one source, with what it needs."""
+    if bool(args.bed) == bool(args.comfy_checkpoint):
+        raise SystemExit("error: give --bed (a built-in test bed) or --comfy-checkpoint (a ComfyUI model), one of them")
+    if args.comfy_checkpoint:
+        if not args.prompts:
+            raise SystemExit("error: give --prompts a text file with one prompt per line (--comfy-checkpoint needs it)")
+        if not Path(args.prompts).is_file():
+            raise SystemExit(
+                f"error: give --prompts an existing text file, one prompt per line: {args.prompts} is none"
+            )
+    if args.reward == "feature" and not (args.feature_factory and args.feature_weights):
+        raise SystemExit("error: give --feature-factory and --feature-weights with --reward feature")
+
+
+def model_family(families: dict[str, str], override: str | None) -> str:
+    """The family the file records, from {model: family}: ``fashion-eps`` for one bed, ``fashion+gmm-eps`` for a mix,
+    or ``--model-family`` when given. Refuses eps and flow models in one run and an override of the other kind."""
+    kinds = {name: model_kind(family) for name, family in families.items()}
+    if len(set(kinds.values())) != 1:
+        listed = ", ".join(f"{name} ({kind})" for name, kind in kinds.items())
+        raise SystemExit(f"error: give --bed models of one kind per run (a file serves eps or flow models): {listed}")
+    kind = next(iter(kinds.values()))
+    if override is not None:
+        if model_kind(override) != kind:
+            example = f"{override.rsplit('-', 1)[0]}-{kind}"
+            raise SystemExit(
+                f"error: set --model-family to a name ending in -{kind} (the models trained are {kind} models), "
+                f"e.g. {example}, not {override}"
+            )
+        return override
+    names = sorted(set(families.values()))
+    if len(names) == 1:
+        return names[0]
+    return "+".join(f.rsplit("-", 1)[0] for f in names) + f"-{kind}"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    output: Path
+    checkpoint: Path
+    report_dir: Path
+    references: Path
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why no file can be written into ``folder`` (created when missing), found by writing one; None if it can."""
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        return error.strerror or str(error)
+    return None
+
+
+def run_paths(args: argparse.Namespace) -> RunPaths:
+    """Where the run writes, each checked (and its folder created) before any work, so that no training is lost to
+    a path it cannot write."""
+    output = Path(args.output)
+    if output.is_dir():
+        raise SystemExit(
+            f"error: set --output to a file in that folder, e.g. {output / 'coefficients.safetensors'}, "
+            f"not the folder {output}"
+        )
+    if output.suffix != ".safetensors":
+        raise SystemExit(
+            f"error: set --output to a file name ending in .safetensors (ComfyUI lists only those), e.g. "
+            f"{output.with_suffix('.safetensors')}, not {output}"
+        )
+    paths = RunPaths(
+        output=output,
+        checkpoint=Path(args.checkpoint) if args.checkpoint else Path(f"{output}.ckpt"),
+        report_dir=Path(args.report_dir) if args.report_dir else output.with_suffix(""),
+        references=Path(args.references_dir) if args.references_dir else reference_cache_dir(),
+    )
+    if paths.checkpoint.is_dir():
+        raise SystemExit(f"error: set --checkpoint to a file name, not the folder {paths.checkpoint}")
+    if paths.report_dir.exists() and not paths.report_dir.is_dir():
+        raise SystemExit(f"error: set --report-dir to a folder: {paths.report_dir} is a file")
+    if len({paths.output.resolve(), paths.checkpoint.resolve(), paths.report_dir.resolve()}) < 3:
+        raise SystemExit("error: give --output, --checkpoint and --report-dir three different paths")
+    folders = [
+        ("--output", paths.output.parent),
+        ("--checkpoint", paths.checkpoint.parent),
+        ("--report-dir", paths.report_dir),
+        ("--references-dir", paths.references),
+    ]
+    for name, folder in folders:
+        problem = unwritable(folder)
+        if problem is not None:
+            raise SystemExit(f"error: make {folder} a writable folder or choose another {name}: {problem}")
+    for name, path in (("--output", paths.output), ("--checkpoint", paths.checkpoint)):
+        if path.exists() and not os.access(path, os.W_OK):
+            raise SystemExit(f"error: make {path} writable or choose another {name}: it is read-only")
+    return paths
+
+
+def check_resume(args: argparse.Namespace, config: TrainConfig, checkpoint: Path) -> None:
+    """--resume needs a checkpoint of this run's settings; a new run says which checkpoint it will replace."""
+    if not args.resume:
+        if checkpoint.exists() and distributed.rank() == 0:
+            print(f"note: starting a new run; its first checkpoint replaces {checkpoint} (--resume continues it)")
+        return
+    try:
+        read_checkpoint(checkpoint, config)
+    except CheckpointMismatch as error:
+        stored = " ".join(f"{flag(name)} {shown(old)}" for name, (old, _) in error.differences.items())
+        asked = " ".join(f"{flag(name)} {shown(new)}" for name, (_, new) in error.differences.items())
+        raise SystemExit(
+            f"error: resume with {stored}, as the checkpoint {checkpoint} was written, or leave out --resume to start "
+            f"a new run; this run asks {asked}"
+        ) from error
+    except CheckpointError as error:
+        if not checkpoint.exists():
+            raise SystemExit(
+                f"error: leave out --resume to start a new run, or give --checkpoint the file to continue from: "
+                f"there is no checkpoint {checkpoint}"
+            ) from error
+        raise SystemExit(
+            f"error: leave out --resume to start a new run (it replaces the file), or give --checkpoint an intact "
+            f"checkpoint: {error}"
+        ) from error
 
 
 def build_problems(args: argparse.Namespace) -> tuple[list[Problem], list[str]]:
@@ -212,22 +415,18 @@ def build_problems(args: argparse.Namespace) -> tuple[list[Problem], list[str]]:
         try:
             problem = comfy_problem(checkpoint_request(args), settings)
         except NoPrompts:
-            raise SystemExit(f"{args.prompts} has no prompts") from None
+            raise SystemExit(
+                f"error: give --prompts a text file with one prompt per line: {args.prompts} has none"
+            ) from None
         return [problem], [problem.bed.name]
-    if not args.bed:
-        raise SystemExit("give --bed (a built-in test bed) or --comfy-checkpoint (a ComfyUI model)")
     encoder = None
     if args.reward == "feature":
-        if not (args.feature_factory and args.feature_weights):
-            raise SystemExit("--reward feature needs --feature-factory and --feature-weights")
         encoder = load_feature_encoder(args.feature_factory, args.feature_weights)
     reward = make_reward(args.reward, encoder=encoder)
     return [bed_problem(name, reward, settings) for name in args.bed], list(args.bed)
 
 
 def checkpoint_request(args: argparse.Namespace) -> CheckpointRequest:
-    if not args.prompts:
-        raise SystemExit("--comfy-checkpoint needs --prompts (a text file with one prompt per line)")
     return CheckpointRequest(
         args.comfy_checkpoint,
         Path(args.prompts).read_text(),
@@ -283,32 +482,65 @@ def calibrate_main(args: argparse.Namespace, command: str) -> None:
                       "ratios": report["ratios"]}, indent=2))  # fmt: skip
 
 
+def train_or_explain(
+    config: TrainConfig, problems: list[Problem], args: argparse.Namespace, checkpoint: Path, started: float
+) -> TrainState:
+    """``train``, with a Ctrl-C or a checkpoint that cannot be written worded as what to do next."""
+    try:
+        return train(
+            config,
+            problems,
+            checkpoint=checkpoint,
+            resume=args.resume,
+            progress=not args.no_progress,
+            run_started=started,
+        )
+    except KeyboardInterrupt:
+        if checkpoint.exists():
+            raise SystemExit(
+                f"interrupted: run the same command with --resume to continue from the checkpoint {checkpoint}"
+            ) from None
+        raise SystemExit("interrupted before the first checkpoint; nothing was saved") from None
+    except CheckpointWriteError as error:
+        then = "again" if error.saved_update is None else f"with --resume to continue from update {error.saved_update}"
+        raise SystemExit(
+            f"error: free disk space or make {checkpoint.parent} writable, then run the same command {then}: {error}"
+        ) from error
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    args = parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    p = parser()
+    args = p.parse_args(argv)
+    # Every flag, path and checkpoint is checked before any reference is built.
+    check_flags(p, args)
+    check_source(args)
     if args.mode == CALIBRATE:
+        run_paths(args)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         calibrate_main(args, shlex.join(["python", "-m", "consistency_solver.training", *argv]))
         return
+    config = checked_config(p, args)
+    families = None if args.comfy_checkpoint else {name: get_testbed(name).model_family for name in args.bed}
+    family = None if families is None else model_family(families, args.model_family)
+    paths = run_paths(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     distributed.initialise()
+    check_resume(args, config, paths.checkpoint)
     leader = distributed.rank() == 0
-    try:
-        config = config_from(args)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from error
     command = shlex.join(["python", "-m", "consistency_solver.training", *argv])
     if leader:
         print(json.dumps({"command": command, "config": config.as_dict()}, indent=2), flush=True)
     started = time.perf_counter()
     problems, names = build_problems(args)
+    if family is None:
+        family = model_family({problems[0].bed.name: problems[0].bed.model_family}, args.model_family)
     references_seconds = time.perf_counter() - started
-    checkpoint = args.checkpoint or f"{args.output}.ckpt"
-    state = train(config, problems, checkpoint=checkpoint, resume=args.resume, progress=not args.no_progress)
-    seconds = time.perf_counter() - started
+    state = train_or_explain(config, problems, args, paths.checkpoint, started)
     distributed.barrier()
     if leader:
-        family = args.model_family or model_family(problems)
         held_out = evaluate_policy(state, problems, config)
         trained = coefficients(state.policy, config, state.schedule)
         training = {
@@ -327,25 +559,45 @@ def main(argv: list[str] | None = None) -> None:
             "reward": args.reward,
             "references": f"{args.reference_method}, {args.reference_steps} steps",
             "world_size": distributed.world(),
-            "seconds": round(seconds, 1),
+            "seconds": round(state.seconds, 1),  # over all runs of a resumed run
         }
         description = args.description or (
             f"ConsistencySolver {config.form} trained by {config.mode} on {', '.join(names)} "
             f"for {format_steps(config.steps)} steps"
             + (", with a learned schedule" if config.schedule == "learned" else "")
         )
-        save_coefficients(args.output, trained, model_family=family, description=description, training=training)
-        report_dir = Path(args.report_dir) if args.report_dir else Path(args.output).with_suffix("")
-        report = write_report(
-            report_dir,
-            state,
-            problems,
-            names,
-            config,
-            {**training, "reference_seconds": round(references_seconds, 1)},
-            list(args.report_steps or config.steps),
+        rerun = (
+            "then run the same command with --resume: it writes the file and the report from the checkpoint "
+            f"{paths.checkpoint}"
         )
-        print(json.dumps({"output": args.output, "report": str(report_dir), "ratios": report["ratios"]}, indent=2))
+        try:
+            save_coefficients(paths.output, trained, model_family=family, description=description, training=training)
+        except OSError as error:
+            raise SystemExit(
+                f"error: free disk space or make {paths.output.parent} writable, {rerun} without training again; "
+                f"writing --output {paths.output} failed: {error.strerror or error}"
+            ) from error
+        try:
+            report = write_report(
+                paths.report_dir,
+                state,
+                problems,
+                names,
+                config,
+                {**training, "reference_seconds": round(references_seconds, 1)},
+                list(args.report_steps or config.steps),
+            )
+        except OSError as error:
+            raise SystemExit(
+                f"error: free disk space or make {paths.report_dir} writable, {rerun} without training again; "
+                f"{paths.output} is written, the report in --report-dir {paths.report_dir} failed: "
+                f"{error.strerror or error}"
+            ) from error
+        print(
+            json.dumps(
+                {"output": str(paths.output), "report": str(paths.report_dir), "ratios": report["ratios"]}, indent=2
+            )
+        )
     distributed.finalise()
 
 

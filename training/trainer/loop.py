@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,46 @@ LR_SCHEDULES = ("constant", "cosine")
 INFERENCE_MODE = {"ppo": "mode", "direct": "expectation"}
 # A backward pass through a model call costs about two forward calls; the cost we report counts it so.
 BACKWARD_COST = 2
+# What a resumed run may change: neither alters a single update's result.
+RESUMABLE_CHANGES = ("updates", "checkpoint_every")
+
+
+class SettingError(ValueError):
+    """A training setting no run can train with: the setting (a TrainConfig or PPOSettings field), its value and
+    what it must be."""
+
+    def __init__(self, name: str, value: Any, rule: str):
+        super().__init__(f"{name} must be {rule}, got {value!r}")
+        self.name, self.value, self.rule = name, value, rule
+
+
+class CheckpointError(ValueError):
+    """A checkpoint a run cannot resume from: the file and what is wrong with it."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        super().__init__(f"checkpoint {os.fspath(path)!r} cannot be resumed: {problem}")
+        self.path, self.problem = os.fspath(path), problem
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint written with other settings: {setting: (stored, requested)} for those that differ."""
+
+    def __init__(self, path: str | os.PathLike, differences: dict[str, tuple[Any, Any]]):
+        listed = ", ".join(
+            f"{name} {stored!r} (requested {requested!r})" for name, (stored, requested) in differences.items()
+        )
+        super().__init__(f"checkpoint {os.fspath(path)!r} was written with a different configuration: {listed}")
+        self.path, self.differences = os.fspath(path), differences
+
+
+class CheckpointWriteError(OSError):
+    """Writing the checkpoint failed and the run stopped; ``saved_update`` is the update of the last checkpoint this
+    run wrote (None: none yet), which stays in place."""
+
+    def __init__(self, path: str | os.PathLike, update: int, saved_update: int | None, reason: str):
+        kept = "none was written yet" if saved_update is None else f"the one of update {saved_update} is kept"
+        super().__init__(f"writing checkpoint {os.fspath(path)!r} at update {update} failed ({reason}); {kept}")
+        self.path, self.update, self.saved_update, self.reason = os.fspath(path), update, saved_update, reason
 
 
 @dataclass(frozen=True)
@@ -63,7 +104,7 @@ class TrainConfig:
     ppo: PPOSettings = field(default_factory=PPOSettings)
     eval_steps: tuple[int, ...] = (5, 8)
     eval_every: int = 0  # 0: evaluate held-out only before and after training
-    checkpoint_every: int = 50
+    checkpoint_every: int = 10  # a crash or Ctrl-C loses at most this many updates
     gradient_checkpointing: bool = False
     schedule: str = "given"
     form: str = "policy"
@@ -91,8 +132,38 @@ class TrainConfig:
                 "a learned schedule needs the gradient of the direct mode (PPO samples the weights only); "
                 "use --mode direct with --schedule learned"
             )
+        self._check_numbers()
+
+    def _check_numbers(self) -> None:
+        """Refuse numbers no run can train with (a NaN or negative learning rate, an empty batch, ...)."""
         if not self.steps or min(self.steps) < 1:
-            raise ValueError(f"steps must be positive step counts, got {self.steps}")
+            raise SettingError("steps", self.steps, "one or more step counts of at least 1")
+        if self.eval_steps and min(self.eval_steps) < 1:
+            raise SettingError("eval_steps", self.eval_steps, "step counts of at least 1")
+        values = self.settings()
+        at_least = {
+            1: ("updates", "groups", "batch", "hidden", "checkpoint_every", "epochs"),
+            2: ("order", "bins", "rollouts"),
+        }
+        for minimum, names in at_least.items():
+            for name in names:
+                if values[name] < minimum:
+                    raise SettingError(name, values[name], f"a whole number of at least {minimum}")
+        if self.eval_every < 0:
+            raise SettingError("eval_every", self.eval_every, "0 (off) or a whole number of updates")
+        for name in ("lr", "grad_clip", "std_floor"):
+            if not (math.isfinite(values[name]) and values[name] > 0):
+                raise SettingError(name, values[name], "a finite number above 0")
+        for name in ("weight_decay", "entropy_coef"):
+            if not (math.isfinite(values[name]) and values[name] >= 0):
+                raise SettingError(name, values[name], "a finite number of at least 0")
+        if not 0 < self.ppo.clip < 1:
+            raise SettingError("clip", self.ppo.clip, "a number between 0 and 1")
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting by name, the PPO ones (``rollouts``, ``clip``, ...) among them."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "ppo"}
+        return values | dataclasses.asdict(self.ppo)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -142,6 +213,7 @@ class TrainState:
     evaluations: int = 0  # model evaluations per sample (a CFG'd call counts once), backward included
     forward_evaluations: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0  # wall time spent on this state over all runs, up to its last update
 
 
 def build_policy(config: TrainConfig) -> ConsistencyPolicy | WeightTable:
@@ -361,46 +433,84 @@ def evaluate_policy(state: TrainState, problems: list[Problem], config: TrainCon
 # --- checkpoints and the loop -----------------------------------------------------------------------
 
 
+CHECKPOINT_KEYS = (
+    "config",
+    "policy",
+    "schedule",
+    "optimizer",
+    "update",
+    "evaluations",
+    "forward_evaluations",
+    "history",
+)
+
+
 def save_checkpoint(path: str | os.PathLike, state: TrainState, config: TrainConfig) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(f"{os.fspath(path)}.tmp")
-    torch.save(
-        {
-            "config": config.as_dict(),
-            "policy": state.policy.state_dict(),
-            "schedule": None if state.schedule is None else state.schedule.state_dict(),
-            "optimizer": state.optimizer.state_dict(),
-            "update": state.update,
-            "evaluations": state.evaluations,
-            "forward_evaluations": state.forward_evaluations,
-            "history": state.history,
-        },
-        temporary,
-    )
-    temporary.replace(path)  # never leave a half-written checkpoint behind
+    try:
+        torch.save(
+            {
+                "config": config.as_dict(),
+                "policy": state.policy.state_dict(),
+                "schedule": None if state.schedule is None else state.schedule.state_dict(),
+                "optimizer": state.optimizer.state_dict(),
+                "update": state.update,
+                "evaluations": state.evaluations,
+                "forward_evaluations": state.forward_evaluations,
+                "history": state.history,
+                "seconds": state.seconds,
+            },
+            temporary,
+        )
+        temporary.replace(path)  # never leave a half-written checkpoint behind
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def read_checkpoint(path: str | os.PathLike, config: TrainConfig) -> dict[str, Any]:
+    """The saved run at ``path``, checked to be a complete checkpoint written with ``config``'s settings (only
+    ``RESUMABLE_CHANGES`` may differ). Raises CheckpointError or CheckpointMismatch."""
+    if not Path(path).is_file():
+        raise CheckpointError(path, "there is no such file")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged file raises EOFError, RuntimeError, KeyError, UnpicklingError, ...
+        raise CheckpointError(path, f"it is damaged or not a checkpoint ({type(error).__name__}: {error})") from error
+    missing = [key for key in CHECKPOINT_KEYS if key not in saved] if isinstance(saved, dict) else list(CHECKPOINT_KEYS)
+    if missing:
+        raise CheckpointError(path, f"it is not a training checkpoint (no {', '.join(missing)})")
+    try:
+        stored = TrainConfig.from_dict(saved["config"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(path, f"its configuration cannot be read ({type(error).__name__}: {error})") from error
+    requested = config.settings()
+    differences = {
+        name: (value, requested[name])
+        for name, value in stored.settings().items()
+        if name not in RESUMABLE_CHANGES and value != requested[name]
+    }
+    if differences:
+        raise CheckpointMismatch(path, differences)
+    return saved
 
 
 def load_checkpoint(path: str | os.PathLike, config: TrainConfig, problems: list[Problem]) -> TrainState:
-    """Restore a run; the config must match except for the number of updates (a run may be extended)."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    stored = TrainConfig.from_dict(saved["config"])
-    if dataclasses.replace(stored, updates=config.updates) != config:
-        differences = {
-            k: (v, getattr(config, k)) for k, v in dataclasses.asdict(stored).items() if getattr(config, k) != v
-        }
-        raise ValueError(
-            f"checkpoint {os.fspath(path)!r} was written with a different configuration {differences} "
-            "(stored, requested); resume with the same options or start a new run without --resume"
-        )
+    """Restore a run; the config must match except for ``RESUMABLE_CHANGES`` (a run may be extended)."""
+    saved = read_checkpoint(path, config)
     state = new_state(config, problems)
-    state.policy.load_state_dict(saved["policy"])
-    if state.schedule is not None:
-        state.schedule.load_state_dict(saved["schedule"])
-    state.optimizer.load_state_dict(saved["optimizer"])
+    try:
+        state.policy.load_state_dict(saved["policy"])
+        if state.schedule is not None:
+            state.schedule.load_state_dict(saved["schedule"])
+        state.optimizer.load_state_dict(saved["optimizer"])
+    except (KeyError, RuntimeError, TypeError, ValueError) as error:
+        raise CheckpointError(path, f"its tensors do not fit its configuration ({error})") from error
     state.update = saved["update"]
     state.evaluations = saved["evaluations"]
     state.forward_evaluations = saved["forward_evaluations"]
     state.history = saved["history"]
+    state.seconds = saved.get("seconds", 0.0)  # checkpoints written before seconds were recorded count from here
     return state
 
 
@@ -411,16 +521,25 @@ def train(
     resume: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
+    run_started: float | None = None,
 ) -> TrainState:
     """Train a policy; with ``checkpoint`` the run is saved every ``checkpoint_every`` updates and at the end.
 
-    ``resume`` continues from ``checkpoint`` when it exists. ``stop_after`` ends the run early after that
-    many updates (as an interruption would), leaving a checkpoint to resume from.
+    ``resume`` continues from ``checkpoint``, which must exist. ``stop_after`` ends the run early after that many
+    updates (as an interruption would), leaving a checkpoint to resume from. ``run_started`` is the
+    ``time.perf_counter()`` at which this run began (default: now), so that the state's ``seconds`` include what the
+    caller did first, such as building the references. A checkpoint that cannot be written stops the run with a
+    CheckpointWriteError; the last one written stays in place.
     """
-    if resume and checkpoint is not None and Path(checkpoint).exists():
+    run_started = time.perf_counter() if run_started is None else run_started
+    if resume:
+        if checkpoint is None:
+            raise ValueError("resume needs the checkpoint to continue from")
         state = load_checkpoint(checkpoint, config, problems)
     else:
         state = new_state(config, problems)
+    seconds_before = state.seconds
+    saved_update = state.update if resume else None
     leader = distributed.rank() == 0
     if leader and config.eval_every and not state.history:
         state.history.append(
@@ -442,9 +561,16 @@ def train(
         if config.eval_every and (state.update % config.eval_every == 0 or state.update == config.updates) and leader:
             record["held_out"] = _mean(evaluate_policy(state, problems, config))
         state.history.append(record)
+        state.seconds = seconds_before + time.perf_counter() - run_started
         bar.set_postfix(reward=f"{reward:.4f}", evals=state.evaluations)
         if checkpoint is not None and leader and (state.update % config.checkpoint_every == 0 or state.update == last):
-            save_checkpoint(checkpoint, state, config)
+            try:
+                save_checkpoint(checkpoint, state, config)
+            except OSError as error:
+                raise CheckpointWriteError(
+                    checkpoint, state.update, saved_update, error.strerror or str(error)
+                ) from error
+            saved_update = state.update
     return state
 
 
