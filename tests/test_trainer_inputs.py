@@ -16,6 +16,7 @@ import torch
 from consistency_solver.solver import load_coefficients
 from consistency_solver.training.evaluation.references import reference_finals, seeded_batch, training_seeds
 from consistency_solver.training.testbeds import get_testbed
+from consistency_solver.training.testbeds.train_networks import save_weights
 from consistency_solver.training.trainer import cli, loop
 from consistency_solver.training.trainer.cli import main
 from consistency_solver.training.trainer.data import ReferenceSettings, bed_problem
@@ -247,16 +248,18 @@ def test_written_files_get_the_permissions_of_the_umask(tmp_path):
     previous = os.umask(0o027)
     try:
         main(tiny_run(tmp_path))
+        save_weights(torch.nn.Linear(2, 2), tmp_path / "net.safetensors", {"steps": 1})
     finally:
         os.umask(previous)
     written = [
+        tmp_path / "net.safetensors",
         tmp_path / "out.safetensors",
         tmp_path / "out.safetensors.ckpt",
         tmp_path / "out" / "report.json",
         tmp_path / "out" / "report.png",
         *(tmp_path / "refs").glob("*.safetensors"),
     ]
-    assert len(written) == 6
+    assert len(written) == 7
     for path in written:
         assert stat.S_IMODE(path.stat().st_mode) == 0o640, path
 

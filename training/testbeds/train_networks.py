@@ -17,16 +17,15 @@ import argparse
 import copy
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ...solver.files import write_safetensors
 from .fashion import (
     SIGMA_DATA,
     FashionClassifier,
@@ -78,15 +77,12 @@ def update_ema(ema: nn.Module, net: nn.Module, decay: float) -> None:
 
 
 def save_weights(module: nn.Module, path: Path, metadata: dict[str, object]) -> None:
-    """fp16 floating tensors (integer buffers as they are), written atomically next to ``path``."""
+    """fp16 floating tensors (integer buffers as they are), written whole or not at all."""
     state = {
         name: (tensor.half() if tensor.is_floating_point() else tensor).contiguous()
         for name, tensor in module.state_dict().items()
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    save_file(state, str(partial), metadata={key: str(value) for key, value in metadata.items()})
-    os.replace(partial, path)
+    write_safetensors(path, state, {key: str(value) for key, value in metadata.items()})
 
 
 @torch.no_grad()
