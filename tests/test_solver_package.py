@@ -39,3 +39,13 @@ def test_dependencies_never_pin_torch_and_requirements_leave_torch_alone():
         if line.split("=")[0].split(">")[0].split("<")[0] in ("torch", "numpy", "torchvision")
     ]
     assert project["name"].lower().find("comfyui") == -1 and project["requires-python"] == ">=3.10"
+
+
+def test_every_package_of_the_tree_is_in_the_distribution():
+    packages = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {
+        ".".join(["consistency_solver", *init.parent.relative_to(ROOT).parts])
+        for init in ROOT.rglob("__init__.py")
+        if init.relative_to(ROOT).parts[0] not in ("tests", ".venv", ".comfyui")
+    }
+    assert on_disk == packages
