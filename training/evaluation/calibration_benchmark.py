@@ -25,7 +25,14 @@ import torch
 from ...solver import load_coefficients, model_kind
 from ...solver.defaults import BUNDLED_DIR, default_file_name
 from ..testbeds import COEFFICIENTS_DIR, FASHION_BED, TESTBED_NAMES, get_testbed
-from .calibrated import CALIBRATED, calibrate_bed, held_out_comparison, stock_rows
+from .calibrated import (
+    CALIBRATED,
+    REFERENCE_STEPS,
+    calibrate_bed,
+    calibration_plan,
+    held_out_comparison,
+    stock_rows,
+)
 
 STEPS = (5, 8)
 STOCK_RATIO = {5: 0.8, 8: 1.0}
@@ -34,16 +41,7 @@ BUDGET = 3000
 BUDGETS = (500, 1000, 2000, 4000, 8000)
 PLOT_BEDS = (FASHION_BED, "gmm-vector-eps-cfg", "gmm-image-flow-cfg")
 HELD_OUT = {"gmm": 2048, "fashion": 64}
-REFERENCE_SHARE = 0.43  # of the budget spent on reference runs: the rest pays the rollouts and Jacobians
-REFERENCE_STEPS = 40
 OWN, DEFAULT = "own trained file", "default file"
-
-
-def plan(budget: int) -> tuple[int, int]:
-    """(calibration noises, Jacobian noises) for a budget: about 43 % of it on the reference runs (32 noises at
-    3,000 calls, the best split measured on Fashion) and a sixth of those noises per Jacobian (2 to 8)."""
-    noises = max(2, round(budget * REFERENCE_SHARE / REFERENCE_STEPS))
-    return noises, min(8, max(2, noises // 6))
 
 
 def held_out_count(name: str) -> int:
@@ -54,7 +52,7 @@ def bed_row(name: str, budget: int) -> dict:
     """Calibrate one bed and compare it on held-out noises; every number of its table row."""
     torch.manual_seed(0)
     bed = get_testbed(name)
-    noises, jacobian_noises = plan(budget)
+    noises, jacobian_noises = calibration_plan(budget, REFERENCE_STEPS)
     started = time.perf_counter()
     calibration = calibrate_bed(bed, STEPS, budget, noises, jacobian_noises, REFERENCE_STEPS)
     seconds = time.perf_counter() - started
@@ -99,7 +97,7 @@ def budget_curve(name: str, budgets: tuple[int, ...]) -> dict[int, dict]:
     bed = get_testbed(name)
     curve = {}
     for budget in budgets:
-        noises, jacobian_noises = plan(budget)
+        noises, jacobian_noises = calibration_plan(budget, REFERENCE_STEPS)
         started = time.perf_counter()
         calibration = calibrate_bed(bed, STEPS, budget, noises, jacobian_noises, REFERENCE_STEPS)
         seconds = time.perf_counter() - started
