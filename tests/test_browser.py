@@ -233,7 +233,16 @@ def ksampler_latent(server, seed):
     return saved_latent(server, server.wait_for_history(reply["prompt_id"]), 6)
 
 
-def test_approving_renders_the_preview_on_screen_whatever_the_seed_control(page, server):
+@pytest.fixture(params=["after", "before"])
+def widget_control_mode(request, page):
+    """The frontend's setting for when seeds change: after each run (the default) or before each run but the first."""
+    set_mode = "mode => app.extensionManager.setting.set('Comfy.WidgetControlMode', mode)"
+    page.evaluate(set_mode, request.param)
+    yield request.param
+    page.evaluate(set_mode, "after")
+
+
+def test_approving_renders_the_preview_on_screen_whatever_the_seed_control(page, server, widget_control_mode):
     """The seed trap: a Preview from the node search has 'randomize'; approving must still render the seed seen."""
     graph, ids = tiny_graph(server.get("/object_info"), with_refine=True)
     page.load_workflow(graph.to_json())
@@ -245,21 +254,22 @@ def test_approving_renders_the_preview_on_screen_whatever_the_seed_control(page,
     connect(page, ids["latent"], 0, preview, "latent_image")
     connect(page, preview, 0, ids["save_preview"], "samples")
     connect(page, preview, 1, ids["refine"], "preview_state")
-    shoot(page, "3-preview-added-from-search")
+    step = "" if widget_control_mode == "after" else " (control before generate)"
+    shoot(page, f"3-preview-added-from-search{step}")
 
     previewing = run(page, server)
     assert previewing["status"]["status_str"] == "success", previewing["status"]
     seen_seed = previewing["prompt"][2][str(preview)]["inputs"]["seed"]
     seen = saved_latent(server, previewing, ids["save_preview"])
-    shoot(page, "4-after-the-preview-run")
+    shoot(page, f"4-after-the-preview-run{step}")
     assert str(ids["save_refined"]) not in previewing["outputs"]  # approve off: the refine waited
 
     click_widget(page, ids["refine"], "approve")
     assert widget(page, ids["refine"], "approve") is True
-    shoot(page, "5-approve-switched-on")
+    shoot(page, f"5-approve-switched-on{step}")
     approving = run(page, server)
     assert approving["status"]["status_str"] == "success", approving["status"]
-    shoot(page, "6-after-the-approving-run")
+    shoot(page, f"6-after-the-approving-run{step}")
     refined_seed = approving["prompt"][2][str(preview)]["inputs"]["seed"]
     refined = saved_latent(server, approving, ids["save_refined"])
 
