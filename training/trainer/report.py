@@ -1,5 +1,6 @@
 """The training report: a JSON file with every number and a PNG with the reward curve and the
-held-out consistency per step count against the presets, dpmpp_2m and the initial policy."""
+held-out consistency per step count against the presets, dpmpp_2m, every stock ComfyUI sampler (when ComfyUI
+imports) and the initial policy."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from ...solver import PRESET_NAMES, Preset
-from ..evaluation.stock_samplers import dpmpp_2m
+from ..evaluation.stock_samplers import (
+    STOCK_SAMPLERS,
+    comfy_unavailable_reason,
+    dpmpp_2m,
+    stock_sampler,
+    stock_sampler_sigmas,
+)
 from .loop import Problem, TrainConfig, TrainState, build_policy, coefficients, held_out_rmse, held_out_sampler_rmse
 
 STOCK_REFERENCE = "dpmpp_2m"
@@ -18,7 +25,9 @@ STOCK_REFERENCE = "dpmpp_2m"
 def held_out_table(
     state: TrainState, problems: list[Problem], names: list[str], config: TrainConfig, steps: list[int]
 ) -> dict[str, dict[str, dict[int, float]]]:
-    """{problem name: {solver: {steps: held-out RMSE}}} for the trained and initial policy, presets and dpmpp_2m."""
+    """{problem name: {solver: {steps: held-out RMSE}}} for the trained and initial policy, presets, dpmpp_2m and,
+    when ComfyUI imports, every stock ComfyUI sampler (``ComfyUI <name>``, as KSampler gives it its sigmas): the
+    fair comparison is with the best of them, not only with dpmpp_2m."""
     stock, _ = dpmpp_2m()
     sources = {
         "trained": coefficients(state.policy, config, state.schedule),
@@ -29,16 +38,31 @@ def held_out_table(
     for name, problem in zip(names, problems, strict=True):
         rows = {label: {n: held_out_rmse(source, problem, n) for n in steps} for label, source in sources.items()}
         rows[STOCK_REFERENCE] = {n: held_out_sampler_rmse(stock, problem, problem.bed.sigmas(n)) for n in steps}
+        if comfy_unavailable_reason() is None:
+            for sampler_name in STOCK_SAMPLERS:
+                sampler = stock_sampler(sampler_name)
+                rows[f"ComfyUI {sampler_name}"] = {
+                    n: held_out_sampler_rmse(
+                        sampler, problem, stock_sampler_sigmas(sampler_name, problem.bed.sigmas, n).float()
+                    )
+                    for n in steps
+                }
         table[name] = rows
     return table
 
 
 def ratios(rows: dict[str, dict[int, float]]) -> dict[int, dict[str, float]]:
-    """Trained RMSE over the best preset's and over dpmpp_2m's, per step count (acceptance: <= 0.8)."""
+    """Trained RMSE over the best preset's, over dpmpp_2m's and over the best stock sampler's (the stock ComfyUI
+    samplers with dpmpp_2m), per step count (acceptance: <= 0.8)."""
     result = {}
+    stock = [label for label in rows if label == STOCK_REFERENCE or label.startswith("ComfyUI ")]
     for n, trained in rows["trained"].items():
         best = min(rows[name][n] for name in PRESET_NAMES)
-        result[n] = {"vs_best_preset": trained / best, "vs_dpmpp_2m": trained / rows[STOCK_REFERENCE][n]}
+        result[n] = {
+            "vs_best_preset": trained / best,
+            "vs_dpmpp_2m": trained / rows[STOCK_REFERENCE][n],
+            "vs_best_stock": trained / min(rows[label][n] for label in stock),
+        }
     return result
 
 
