@@ -7,6 +7,7 @@ from .calibrator import (
     calibrate,
     calibrate_model,
     check_budget,
+    jacobian_noise_count,
     minimum_budget,
     record_run,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "calibrate",
     "calibrate_model",
     "check_budget",
+    "jacobian_noise_count",
     "minimum_budget",
     "record_run",
 ]

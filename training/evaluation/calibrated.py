@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ...solver import PRESET_NAMES, CoefficientSource, Preset
-from ..calibration import Calibration, TargetRun, calibrate, check_budget
+from ..calibration import Calibration, TargetRun, calibrate, check_budget, jacobian_noise_count
 from ..testbeds import run_sigmas
 from .evaluator import preview_rmse, solver_sampler
 from .references import (
@@ -42,9 +42,9 @@ REFERENCE_SHARE = 0.43  # of a budget spent on reference runs; the rest pays the
 
 def calibration_plan(budget: int, reference_steps: int = REFERENCE_STEPS) -> tuple[int, int]:
     """(calibration noises, Jacobian noises) for a budget: about 43 % of it on the reference runs (32 noises at
-    3,000 calls, the best split measured on Fashion) and a sixth of those noises per Jacobian (2 to 8)."""
+    3,000 calls, the best split measured on Fashion) and ``jacobian_noise_count`` of them per Jacobian."""
     noises = max(2, round(budget * REFERENCE_SHARE / reference_steps))
-    return noises, min(8, max(2, noises // 6))
+    return noises, jacobian_noise_count(noises)
 
 
 def reference_target(bed: Any, noises: Tensor, labels: Tensor | None, steps: int = REFERENCE_STEPS) -> TargetRun:
