@@ -13,6 +13,7 @@ import comfy.samplers  # noqa: E402
 from fixtures import tiny_models  # noqa: E402
 
 from consistency_solver.solver import Preset, sample_consistency_solver  # noqa: E402
+from consistency_solver.training.trainer.cli import main  # noqa: E402
 from consistency_solver.training.trainer.comfy_model import ComfyModel  # noqa: E402
 from consistency_solver.training.trainer.data import ReferenceSettings, reference_set  # noqa: E402
 from consistency_solver.training.trainer.loop import Problem, TrainConfig, coefficients, held_out_rmse, train  # noqa: E402
@@ -96,3 +97,22 @@ def test_a_schedule_learns_through_the_tiny_comfyui_model(tmp_path):
     sigmas = trained.schedule.sigmas(3, model.sigma_min, model.sigma_max)
     assert sigmas[0] == pytest.approx(float(model.model_sampling.sigma_max)) and sigmas[-1] == 0
     assert held_out_rmse(trained, problem, 3) > 0
+
+
+def test_an_unknown_checkpoint_or_scheduler_is_refused_before_any_model_is_loaded(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\n")
+    run = ["--comfy-checkpoint", str(tmp_path / "absent.safetensors"), "--prompts", str(prompts),
+           "--output", str(tmp_path / "out.safetensors"), "--updates", "1"]  # fmt: skip
+    with pytest.raises(SystemExit) as raised:
+        main(run)
+    assert str(raised.value.code).startswith("error: give --comfy-checkpoint a checkpoint file, or the name of one in")
+    assert "absent.safetensors is neither" in str(raised.value.code)
+
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"not loaded: the scheduler is checked first")
+    run[1] = str(checkpoint)
+    with pytest.raises(SystemExit) as raised:
+        main([*run, "--scheduler", "kerras"])
+    assert str(raised.value.code).startswith("error: set --scheduler to one of ComfyUI's schedulers (simple")
+    assert str(raised.value.code).endswith("not kerras")

@@ -35,7 +35,14 @@ from ..evaluation.calibrated import CALIBRATED, calibrate_bed, held_out_comparis
 from ..evaluation.references import REFERENCE_METHODS, TRAINING_SEED_LIMIT, reference_cache_dir
 from ..testbeds import TESTBED_NAMES, get_testbed
 from . import distributed
-from .comfy_model import CheckpointRequest, NoPrompts, comfy_model, comfy_problem
+from .comfy_model import (
+    CheckpointNotFound,
+    CheckpointRequest,
+    NoPrompts,
+    checkpoint_path,
+    comfy_model,
+    comfy_problem,
+)
 from .data import ReferenceSettings, bed_problem
 from .loop import (
     FORMS,
@@ -92,7 +99,6 @@ def parser() -> argparse.ArgumentParser:
     source.add_argument("--scheduler", default="simple", help="ComfyUI scheduler for the sigmas (ComfyUI backend)")
     source.add_argument("--width", type=int, default=512)
     source.add_argument("--height", type=int, default=512)
-    source.add_argument("--device", help="torch device for the model (default: cuda when present, else cpu)")
 
     method = p.add_argument_group("optimisation")
     method.add_argument(
@@ -290,8 +296,31 @@ def check_source(args: argparse.Namespace) -> None:
             raise SystemExit(
                 f"error: give --prompts an existing text file, one prompt per line: {args.prompts} is none"
             )
+        check_checkpoint(args)
     if args.reward == "feature" and not (args.feature_factory and args.feature_weights):
         raise SystemExit("error: give --feature-factory and --feature-weights with --reward feature")
+
+
+def check_checkpoint(args: argparse.Namespace) -> None:
+    """ComfyUI, the checkpoint and the scheduler, before any model is loaded."""
+    try:
+        checkpoint_path(args.comfy_checkpoint, args.comfyui)
+    except ImportError as error:
+        raise SystemExit(
+            f"error: give --comfyui (or set COMFYUI_PATH) the folder of a ComfyUI install: {error}"
+        ) from None
+    except CheckpointNotFound as error:
+        raise SystemExit(
+            f"error: give --comfy-checkpoint a checkpoint file, or the name of one in {', '.join(error.folders)}: "
+            f"{error.checkpoint} is neither"
+        ) from None
+    import comfy.samplers
+
+    if args.scheduler not in comfy.samplers.SCHEDULER_NAMES:
+        raise SystemExit(
+            f"error: set --scheduler to one of ComfyUI's schedulers ({', '.join(comfy.samplers.SCHEDULER_NAMES)}), "
+            f"not {args.scheduler}"
+        )
 
 
 def model_family(families: dict[str, str], override: str | None) -> str:

@@ -147,15 +147,36 @@ class ComfyModel:
         return decode
 
 
-def load_comfy_checkpoint(checkpoint: str, comfyui: str | None = None):
-    """(model patcher, clip, vae) from a checkpoint path or a name in ComfyUI's models/checkpoints."""
+class CheckpointNotFound(ValueError):
+    """``checkpoint`` is neither a file nor a name in ComfyUI's checkpoint folders (``folders``)."""
+
+    def __init__(self, checkpoint: str, folders: list[str]):
+        self.checkpoint, self.folders = checkpoint, folders
+        super().__init__(f"no checkpoint {checkpoint!r}: not a file, nor a name in {', '.join(folders)}")
+
+
+def checkpoint_path(checkpoint: str, comfyui: str | None = None) -> str:
+    """The file of a checkpoint given as a path or as a name in ComfyUI's models/checkpoints (imports ComfyUI from
+    ``comfyui`` or $COMFYUI_PATH; raises ImportError without it, CheckpointNotFound for an unknown checkpoint)."""
     if comfyui:
         os.environ["COMFYUI_PATH"] = comfyui
     import_comfy()
+    import folder_paths
+
+    if Path(checkpoint).is_file():
+        return checkpoint
+    path = folder_paths.get_full_path("checkpoints", checkpoint)
+    if path is None:
+        raise CheckpointNotFound(checkpoint, folder_paths.get_folder_paths("checkpoints"))
+    return path
+
+
+def load_comfy_checkpoint(checkpoint: str, comfyui: str | None = None):
+    """(model patcher, clip, vae) from a checkpoint path or a name in ComfyUI's models/checkpoints."""
+    path = checkpoint_path(checkpoint, comfyui)
     import comfy.sd
     import folder_paths
 
-    path = checkpoint if Path(checkpoint).is_file() else folder_paths.get_full_path_or_raise("checkpoints", checkpoint)
     patcher, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
         path, output_vae=True, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings")
     )
