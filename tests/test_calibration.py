@@ -74,12 +74,13 @@ def test_every_model_call_runs_without_gradients_and_the_budget_is_kept():
         budget=1500,
         sigma_min=BED.sigma_min,
         sigma_max=BED.sigma_max,
+        end_to_end=True,
         jacobian_noises=4,
     )
     assert result.model_calls == sum(calls) <= 1500
     assert result.rounds >= 1  # Gauss-Newton ran (its Jacobian sweeps call the model too)
     for steps, (start, best) in result.fit_rmse.items():
-        assert best <= start
+        assert best <= 1.1 * start  # no calibration noise may get more than 10 % worse
         assert result.coefficients.tables[steps].shape == (steps, 4)
 
 
@@ -107,7 +108,7 @@ def test_the_trainer_calibrates_a_bed_within_its_budget_and_reports_against_stoc
     output = tmp_path / "calibrated.safetensors"
     argv = [
         "--bed", "gmm-vector-eps", "--mode", "calibrate", "--steps", "4,6", "--budget", "700",
-        "--calibration-noises", "8", "--jacobian-noises", "2", "--held-out-count", "16", "--output", str(output),
+        "--calibration-noises", "8", "--end-to-end", "--held-out-count", "16", "--output", str(output),
     ]  # fmt: skip
     main(argv)
     loaded = load_coefficients(output)

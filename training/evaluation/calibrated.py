@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ...solver import PRESET_NAMES, CoefficientSource, Preset
-from ..calibration import Calibration, TargetRun, calibrate, check_budget, jacobian_noise_count
+from ..calibration import Calibration, TargetRun, calibrate, check_budget
 from ..testbeds import run_sigmas
 from .evaluator import preview_rmse, solver_sampler
 from .references import (
@@ -37,14 +37,12 @@ from .stock_samplers import (
 
 REFERENCE_STEPS = 40  # the benchmark's reference final
 CALIBRATED = "calibrated"
-REFERENCE_SHARE = 0.43  # of a budget spent on reference runs; the rest pays the rollouts and Jacobians
 
 
-def calibration_plan(budget: int, reference_steps: int = REFERENCE_STEPS) -> tuple[int, int]:
-    """(calibration noises, Jacobian noises) for a budget: about 43 % of it on the reference runs (32 noises at
-    3,000 calls, the best split measured on Fashion) and ``jacobian_noise_count`` of them per Jacobian."""
-    noises = max(2, round(budget * REFERENCE_SHARE / reference_steps))
-    return noises, jacobian_noise_count(noises)
+def calibration_noises(budget: int, steps: tuple[int, ...], reference_steps: int = REFERENCE_STEPS) -> int:
+    """As many calibration noises as the budget pays for: a reference run and one rollout of every step count each
+    (the default calibration has no Gauss-Newton rounds)."""
+    return max(1, budget // (reference_steps + sum(n - 1 for n in steps)))
 
 
 def reference_target(bed: Any, noises: Tensor, labels: Tensor | None, steps: int = REFERENCE_STEPS) -> TargetRun:
@@ -68,7 +66,13 @@ def reference_target(bed: Any, noises: Tensor, labels: Tensor | None, steps: int
 
 
 def calibrate_bed(
-    bed: Any, steps: tuple[int, ...], budget: int, noises: int, jacobian_noises: int = 8, reference_steps: int = 40
+    bed: Any,
+    steps: tuple[int, ...],
+    budget: int,
+    noises: int,
+    reference_steps: int = REFERENCE_STEPS,
+    end_to_end: bool = False,
+    jacobian_noises: int | None = None,
 ) -> Calibration:
     """Calibrate ``steps`` for ``bed`` on ``noises`` training seeds against its reference finals, within ``budget``
     model calls (the reference runs included; refused before any call when too small)."""
@@ -87,6 +91,7 @@ def calibrate_bed(
         budget,
         sigma_min=bed.sigma_min,
         sigma_max=bed.sigma_max,
+        end_to_end=end_to_end,
         jacobian_noises=jacobian_noises,
     )
     calibration.seconds = time.perf_counter() - started  # the reference runs included

@@ -27,9 +27,8 @@ from ...solver.defaults import BUNDLED_DIR, default_file_name
 from ..testbeds import COEFFICIENTS_DIR, FASHION_BED, TESTBED_NAMES, get_testbed
 from .calibrated import (
     CALIBRATED,
-    REFERENCE_STEPS,
     calibrate_bed,
-    calibration_plan,
+    calibration_noises,
     held_out_comparison,
     stock_rows,
 )
@@ -52,9 +51,9 @@ def bed_row(name: str, budget: int) -> dict:
     """Calibrate one bed and compare it on held-out noises; every number of its table row."""
     torch.manual_seed(0)
     bed = get_testbed(name)
-    noises, jacobian_noises = calibration_plan(budget, REFERENCE_STEPS)
+    noises = calibration_noises(budget, STEPS)
     started = time.perf_counter()
-    calibration = calibrate_bed(bed, STEPS, budget, noises, jacobian_noises, REFERENCE_STEPS)
+    calibration = calibrate_bed(bed, STEPS, budget, noises)
     seconds = time.perf_counter() - started
     sources = {
         CALIBRATED: calibration.coefficients,
@@ -85,7 +84,6 @@ def bed_row(name: str, budget: int) -> dict:
         "model_calls": calibration.model_calls,
         "seconds": seconds,
         "noises": noises,
-        "jacobian_noises": jacobian_noises,
         "held_out": held_out_count(name),
         "cells": cells,
         "rows": rows,
@@ -97,9 +95,9 @@ def budget_curve(name: str, budgets: tuple[int, ...]) -> dict[int, dict]:
     bed = get_testbed(name)
     curve = {}
     for budget in budgets:
-        noises, jacobian_noises = calibration_plan(budget, REFERENCE_STEPS)
+        noises = calibration_noises(budget, STEPS)
         started = time.perf_counter()
-        calibration = calibrate_bed(bed, STEPS, budget, noises, jacobian_noises, REFERENCE_STEPS)
+        calibration = calibrate_bed(bed, STEPS, budget, noises)
         seconds = time.perf_counter() - started
         rows = held_out_comparison(bed, {CALIBRATED: calibration.coefficients}, STEPS, held_out_count(name))
         curve[budget] = {"rmse": rows[CALIBRATED], "model_calls": calibration.model_calls, "seconds": seconds}

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ...solver import load_coefficients
 from ...solver.schedules import DiscreteSchedule
 from ..testbeds import FASHION_BED, get_testbed, run_sigmas
-from .calibrated import calibrate_bed, calibration_plan
+from .calibrated import calibrate_bed, calibration_noises
 from .demo import coefficient_file
 from .evaluator import sample_previews, solver_sampler
 from .references import held_out_seeds, multistep_run, seeded_batch
@@ -130,8 +130,7 @@ def run(
     from ..testbeds.fashion import load_classifier
 
     bed, classifier = get_testbed(FASHION_BED), load_classifier()
-    noises, jacobian_noises = calibration_plan(budget)
-    calibration = calibrate_bed(bed, (preview_steps,), budget, noises, jacobian_noises)
+    calibration = calibrate_bed(bed, (preview_steps,), budget, calibration_noises(budget, (preview_steps,)))
     files = {
         DEFAULT_FILE: load_coefficients(coefficient_file(coefficients_path)),
         CALIBRATED_FILE: calibration.coefficients,
