@@ -8,6 +8,7 @@ outputs/browser/. Locally the module skips when Chromium or playwright is missin
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -95,7 +96,10 @@ def test_every_example_opens_from_the_template_browser(page):
         assert (EXAMPLES_DIR / f"{name}{THUMBNAIL_SUFFIX}").is_file(), f"no thumbnail for {name}"
         dialog = open_pack_templates(page)
         dialog.locator(".template-card").filter(has=page.page.locator("h3", has_text=name)).first.click()
-        page.page.wait_for_timeout(1000)
+        page.page.wait_for_function(
+            "name => app.extensionManager.workflow.activeWorkflow?.filename === name", arg=name, timeout=30_000
+        )
+        page.page.wait_for_timeout(500)  # time for a missing-node dialog to show
         visible_dialogs = page.page.locator(".p-dialog:visible")
         assert visible_dialogs.count() == 0, f"{name}: {visible_dialogs.all_inner_texts()}"
         boxes = page.node_boxes()
@@ -200,15 +204,18 @@ def click_widget(page, node_id, name):
     page.page.wait_for_timeout(300)
 
 
-def run(page, server):
-    """Clicks Run and waits for the prompt to finish; returns its history entry."""
+def run(page, server, timeout=120.0):
+    """Clicks Run and waits for the prompt to finish (ComfyUI writes its history entry then); returns that entry."""
     before = set(server.get("/history"))
     page.page.get_by_test_id("queue-button").click()
-    page.page.wait_for_timeout(500)
-    page.wait_for_idle_queue()
-    new = [prompt_id for prompt_id in server.get("/history") if prompt_id not in before]
-    assert len(new) == 1, f"expected one new prompt, got {len(new)}"
-    return server.get(f"/history/{new[0]}")[new[0]]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        new = [prompt_id for prompt_id in server.get("/history") if prompt_id not in before]
+        if new:
+            assert len(new) == 1, f"one Run queued {len(new)} prompts"
+            return server.get(f"/history/{new[0]}")[new[0]]
+        time.sleep(0.25)
+    raise TimeoutError(f"no prompt finished within {timeout} s of clicking Run")
 
 
 def saved_latent(server, history, node_id):
