@@ -1,11 +1,11 @@
 // Diffusion Preview's seed: approving renders the preview you saw, whatever "control after generate" says.
 //
-// The frontend changes a seed right after queueing a run (or, with the "before" setting, before every run but
-// the first), so once a preview is on screen the seed widget already holds the next seed: switching the
-// Refine's approve on and running again would preview and render that unseen seed. On a Diffusion Preview the
-// change is therefore made at the start of the next run instead, and not at all while a Diffusion Refine fed
-// by it has approve on. The seed shown is always the seed of the preview on screen, and the approving run
-// reuses the cached preview.
+// The frontend changes a seed right after queueing a run, so once a preview is on screen the seed widget already
+// holds the next seed: switching the Refine's approve on and running again would preview and render that unseen
+// seed (with the "before" setting the seed changes at the start of every run but the first, the approving run
+// included). On a Diffusion Preview, whatever that setting, the change is made at the start of the next run, and
+// not at all while a Diffusion Refine fed by it has approve on. The seed shown is always the seed of the preview
+// on screen, and the approving run reuses the cached preview.
 import { app } from "../../scripts/app.js";
 
 const PREVIEW = "DiffusionPreview";
