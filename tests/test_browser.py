@@ -108,6 +108,13 @@ def test_every_example_opens_from_the_template_browser(page):
         too_small = [b["title"] for b in boxes if b["size"][0] < b["min_size"][0] or b["size"][1] < b["min_size"][1]]
         assert too_small == [], f"{name}: nodes smaller than their contents"
         assert any(b["type"] == "Note" for b in boxes), f"{name}: no Note"
+        # A node whose coefficients come in through a link shows its own coefficient widgets locked.
+        overridden = page.evaluate(
+            """() => app.graph.nodes
+                .filter(node => node.inputs?.some(input => input.name === "loaded_coefficients" && input.link != null))
+                .map(node => node.widgets.find(widget => widget.name === "coefficients").disabled)"""
+        )
+        assert all(overridden), f"{name}: coefficient widgets shown as if they counted"
         shoot(page, f"1-example {name}")
 
 

@@ -73,9 +73,23 @@ function holdSeedUntilNextPreview(node) {
   };
 }
 
+// A connected coefficients input (from Consistency Solver Coefficients or Calibrate) wins over a node's own
+// coefficient widgets: they are greyed out and locked while it is connected, rather than shown as if they counted.
+const SELECTION_NODES = new Set([PREVIEW, "SamplerConsistencySolver", "ConsistencySolverScheduler"]);
+const SELECTION_WIDGETS = new Set(["coefficients", "inference_mode", "allow_untrained_steps"]);
+
+function lockWidgetsWhileCoefficientsConnected(node) {
+  const connected = () => node.inputs?.find((input) => input.name === "loaded_coefficients")?.link != null;
+  for (const widget of node.widgets ?? []) {
+    if (SELECTION_WIDGETS.has(widget.name)) Object.defineProperty(widget, "disabled", { get: connected });
+  }
+}
+
 app.registerExtension({
   name: "consistency_solver.DiffusionPreviewSeed",
   nodeCreated(node) {
-    if ((node.comfyClass ?? node.type) === PREVIEW) holdSeedUntilNextPreview(node);
+    const type = node.comfyClass ?? node.type;
+    if (type === PREVIEW) holdSeedUntilNextPreview(node);
+    if (SELECTION_NODES.has(type)) lockWidgetsWhileCoefficientsConnected(node);
   },
 });
