@@ -8,7 +8,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from consistency_solver.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, coefficients, definitions
+from consistency_solver.nodes import (
+    NODE_CLASS_MAPPINGS,
+    NODE_DISPLAY_NAME_MAPPINGS,
+    calibrate,
+    coefficients,
+    definitions,
+)
 from consistency_solver.nodes.coefficients import (
     AUTO,
     CoefficientSelection,
@@ -63,6 +69,8 @@ def live_lists(monkeypatch):
     """What ComfyUI would list: its schedulers and the coefficient files."""
     monkeypatch.setattr(definitions, "scheduler_names", lambda: SCHEDULERS)
     monkeypatch.setattr(definitions, "coefficient_file_names", lambda: ["mine.safetensors"])
+    monkeypatch.setattr(calibrate, "scheduler_names", lambda: SCHEDULERS)
+    monkeypatch.setattr(calibrate, "sampler_names", lambda: ["euler", "dpmpp_2m"])
 
 
 def table_file(path, family="any", weights=(1.5, -0.5), steps=4):
