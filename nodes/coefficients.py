@@ -141,7 +141,7 @@ def file_fingerprint(choice: str, locate: Locate) -> str:
 def describe_choice(choice: str, kind: str) -> str:
     """How a message names a coefficient choice for a model of ``kind``."""
     if choice in PRESET_NAMES:
-        return f"the preset '{choice}'"
+        return f"the preset '{choice}{UNTRAINED_MARK}'"  # as the dropdowns show it
     if choice == AUTO:
         return f"the pack's default coefficient file {default_file_name(kind)}"
     return f"the coefficient file '{choice}'"

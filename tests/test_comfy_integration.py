@@ -299,7 +299,7 @@ def test_the_scheduler_without_a_learned_schedule_or_for_an_untrained_count_name
         ksampler(model, empty_latent(), "euler", scheduler="consistency_solver")
     with pytest.raises(ValueError, match=r"^Choose coefficients that carry a learned schedule.*'plain.safetensors'"):
         scheduler_node(model, choice="plain.safetensors")
-    with pytest.raises(ValueError, match=r"BasicScheduler: the preset 'ab2' carries no learned schedule"):
+    with pytest.raises(ValueError, match=r"BasicScheduler: the preset 'ab2 \(untrained\)' carries no learned schedule"):
         scheduler_node(model, choice="ab2")
     with pytest.raises(ValueError, match=r"^Set steps to 4, 5, 6, 8 in .*'own.safetensors', which covers 4, 5, 6, 8"):
         scheduler_node(model, steps=7, choice="own.safetensors")
@@ -381,7 +381,7 @@ def test_ksampler_and_the_preview_refuse_an_untrained_step_count_before_any_mode
         "default coefficient file default-eps.safetensors was trained for 4, 5, 6, 8 steps, not 3, and at denoise "
         "0.5 the learned schedule needs steps / denoise within 4, 5, 6, 8."
     )
-    with pytest.raises(ValueError, match="^Pick a stock scheduler .* in Diffusion Preview.*the preset 'ab2'"):
+    with pytest.raises(ValueError, match=r"^Pick a stock scheduler .* in Diffusion Preview.*'ab2 \(untrained\)'"):
         preview(model, source, scheduler="consistency_solver", choice="ab2")
     assert calls == []
     preview(model, source, steps=4, scheduler="consistency_solver", denoise=0.5)  # 8 steps in all, 4 run

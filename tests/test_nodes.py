@@ -365,7 +365,7 @@ def test_runnable_steps_meet_the_coefficients_and_the_learned_schedule():
 
 def test_choices_are_named_in_errors():
     assert describe_choice(AUTO, "flow") == "the pack's default coefficient file default-flow.safetensors"
-    assert describe_choice("ab2", "eps") == "the preset 'ab2'"
+    assert describe_choice("ab2", "eps") == "the preset 'ab2 (untrained)'"
     assert describe_choice("mine.safetensors", "eps") == "the coefficient file 'mine.safetensors'"
 
 
@@ -455,11 +455,11 @@ def test_the_scheduler_by_name_and_the_scheduler_node_say_what_to_change():
 
 
 def test_missing_schedules_files_and_families_are_worded_for_each_node():
-    ab2 = Run(PREVIEW, "ab2", "the preset 'ab2'", learned_schedule=True)
+    ab2 = Run(PREVIEW, "ab2", "the preset 'ab2 (untrained)'", learned_schedule=True)
     assert user_message(NoLearnedSchedule(), ab2) == (
         "Pick a stock scheduler (simple, karras, ...) in Diffusion Preview, or coefficients that carry a learned "
-        "schedule such as 'auto': the preset 'ab2' carries no learned schedule, which the consistency_solver "
-        "scheduler needs."
+        "schedule such as 'auto': the preset 'ab2 (untrained)' carries no learned schedule, which the "
+        "consistency_solver scheduler needs."
     )
     assert user_message(NoLearnedSchedule(), run(SCHEDULER_BY_NAME)).startswith(
         "Pick another scheduler than consistency_solver: "
