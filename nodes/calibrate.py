@@ -162,8 +162,9 @@ class ConsistencySolverCalibrate:
                         "default": DEFAULT_BUDGET,
                         "min": 1,
                         "max": 10_000_000,
-                        "tooltip": "Most model calls to spend, the refine runs included (one call = one latent "
-                        "through the model, both CFG halves together).",
+                        "tooltip": "The most model calls it may spend, the refine runs included (one call = one "
+                        "latent through the model, both CFG halves together). It needs noises x (refine steps + "
+                        "preview steps - 1 per count); a smaller budget is refused before any call.",
                     },
                 ),
                 "file_name": (
