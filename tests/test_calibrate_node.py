@@ -51,10 +51,10 @@ def counting_model(kind="eps", interrupt_after=None):
     return model, calls
 
 
-def calibrate(model, budget=400, name="mine"):
+def calibrate(model, budget=400, name="mine", sampler="dpmpp_2m"):
     node = ConsistencySolverCalibrate()
     return node.calibrate(
-        model, POSITIVE, NEGATIVE, LATENT, NOISES, 4.0, STEPS, "dpmpp_2m", "simple", REFINE_STEPS, 7, budget, name
+        model, POSITIVE, NEGATIVE, LATENT, NOISES, 4.0, STEPS, sampler, "simple", REFINE_STEPS, 7, budget, name
     )[0]
 
 
@@ -79,6 +79,20 @@ def test_the_node_writes_the_file_with_its_metadata_and_a_second_run_makes_no_mo
 
     latent, _ = DiffusionPreview().preview(
         model, POSITIVE, NEGATIVE, LATENT, 7, 4, 4.0, "consistency_solver", 1.0, "auto", loaded_coefficients=selection
+    )
+    assert torch.isfinite(latent["samples"]).all()
+
+
+@pytest.mark.parametrize(("kind", "sampler"), [("flow", "euler"), ("v", "heun")])
+def test_flow_and_v_models_and_a_two_call_refine_sampler(models_dir, kind, sampler):
+    model, calls = counting_model(kind)
+    selection = calibrate(model, budget=800, sampler=sampler)
+    with safe_open(str(models_dir / "mine.safetensors"), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["model_family"] == f"calibrated-{'flow' if kind == 'flow' else 'eps'}"
+    assert json.loads(metadata["training"])["model_calls"] == calls["count"] <= 800
+    latent, _ = DiffusionPreview().preview(
+        model, POSITIVE, NEGATIVE, LATENT, 7, 3, 4.0, "consistency_solver", 1.0, "auto", loaded_coefficients=selection
     )
     assert torch.isfinite(latent["samples"]).all()
 
