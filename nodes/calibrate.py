@@ -282,7 +282,7 @@ def run_calibration(
     import folder_paths
 
     from ..solver import save_coefficients
-    from ..training.calibration import BudgetTooSmall, calibrate_model, check_budget
+    from ..training.calibration import BudgetTooSmall, calibrate_model, check_budget, minimum_budget
     from .runtime import ksampler_sigmas, sampling_kind
 
     latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
@@ -328,7 +328,14 @@ def run_calibration(
         ) from error
 
     model_sampling = model.get_model_object("model_sampling")
-    progress = comfy.utils.ProgressBar(settings.budget)
+    if abs(float(sigmas[0]) / float(model_sampling.sigma_max) - 1) > 1e-3:
+        raise ValueError(
+            f"Pick a refine scheduler in {NODE} that starts at the model's highest noise level (simple, karras, "
+            f"normal, ...): {settings.refine_scheduler} starts lower, where previews from pure noise do not."
+        )
+    # The refine runs and one rollout per preview step count: what the calibration spends (within the budget).
+    planned = minimum_budget(target_calls, settings.noises, settings.steps)
+    progress = comfy.utils.ProgressBar(planned)
     spent = 0
     result = {}
 
@@ -337,7 +344,7 @@ def run_calibration(
         comfy.model_management.throw_exception_if_processing_interrupted()
         spent += count
         if count:
-            progress.update_absolute(min(spent, settings.budget), settings.budget)
+            progress.update_absolute(min(spent, planned), planned)
 
     def refine_function(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
         return refine.sampler_function(
@@ -375,7 +382,7 @@ def run_calibration(
         seed=settings.seed,
     )
     calibration = result["calibration"]
-    progress.update_absolute(settings.budget, settings.budget)
+    progress.update_absolute(planned, planned)
     partial = f"{path}.partial"
     save_coefficients(
         partial,
