@@ -116,3 +116,19 @@ def test_cancel_stops_the_calibration_and_leaves_no_file(models_dir):
         comfy.model_management.interrupt_current_processing(False)
     assert calls["count"] <= 54  # stopped at the next call
     assert not any(models_dir.glob("*"))  # neither the file nor a partial one
+
+
+def test_the_trainers_calibration_runs_on_a_comfyui_model():
+    """``--mode calibrate --comfy-checkpoint`` calibrates the trainer's ComfyUI model (here the tiny one)."""
+    from consistency_solver.training.evaluation.calibrated import calibrate_bed
+    from consistency_solver.training.trainer.comfy_model import ComfyModel
+
+    prompts = [tiny_models.random_conditioning(seed) for seed in (1, 2)]
+    model = ComfyModel(
+        tiny_models.tiny_unet_model("eps"), prompts, NEGATIVE, cfg=3.0, scheduler="karras", width=64, height=64,
+        name="tiny",
+    )  # fmt: skip
+    calibration = calibrate_bed(model, (3,), budget=200, noises=3, reference_steps=6)
+    assert calibration.model_calls == 3 * 6 + 3 * 2
+    positions = calibration.coefficients.schedule.positions[3]
+    assert positions[0] == 0 and (positions.diff() > 0).all()
