@@ -111,7 +111,10 @@ class ConsistencySolverCalibrate:
                 "negative": ("CONDITIONING", {"tooltip": "The negative prompt the previews will use."}),
                 "latent_image": (
                     "LATENT",
-                    {"tooltip": "Its size is the size calibrated for (e.g. Empty Latent Image)."},
+                    {
+                        "tooltip": "Its size is the size calibrated for, its batch size how many latents go through "
+                        "the model at once (e.g. Empty Latent Image)."
+                    },
                 ),
                 "noises": (
                     "INT",
@@ -261,6 +264,26 @@ def model_fingerprint(model: Any) -> str:
     return digest.hexdigest()[:24]
 
 
+class InBatches:
+    """ComfyUI's guided denoiser called on at most ``size`` latents at a time, so calibrating needs the memory of an
+    ordinary sampling run of that batch; everything else is forwarded to it (samplers may read its attributes)."""
+
+    def __init__(self, model: Any, size: int):
+        self.model, self.size = model, max(1, size)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if x.shape[0] <= self.size:
+            return self.model(x, sigma, **kwargs)
+        parts = [
+            self.model(x[start : start + self.size], sigma[start : start + self.size], **kwargs)
+            for start in range(0, x.shape[0], self.size)
+        ]
+        return torch.cat(parts)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+
 def stored_fingerprint(path: str) -> str | None:
     """The fingerprint a calibrated file was made with, or None (no file, or not a calibration)."""
     from safetensors import safe_open
@@ -354,7 +377,7 @@ def run_calibration(
     def calibrating_sampler(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
         # Inside ComfyUI's sampling run: model_k is the guided denoiser and x the noise as KSampler scales it.
         result["calibration"] = calibrate_model(
-            model_k,
+            InBatches(model_k, latent.shape[0]),
             x,
             sigmas,
             refine_function,

@@ -39,10 +39,12 @@ def models_dir(tmp_path, monkeypatch):
 def counting_model(kind="eps", interrupt_after=None):
     """The tiny UNet whose every guided model call (one per latent) is counted; optionally Cancel after some."""
     model = tiny_models.tiny_unet_model(kind).clone()
-    calls = {"count": 0}
+    calls = {"count": 0, "largest": 0}
 
     def wrapper(apply_model, arguments):
-        calls["count"] += arguments["input"].shape[0] // len(arguments["cond_or_uncond"])
+        latents = arguments["input"].shape[0] // len(arguments["cond_or_uncond"])
+        calls["count"] += latents
+        calls["largest"] = max(calls["largest"], latents)
         if interrupt_after is not None and calls["count"] >= interrupt_after:
             comfy.model_management.interrupt_current_processing(True)
         return apply_model(arguments["input"], arguments["timestep"], **arguments["c"])
@@ -65,6 +67,7 @@ def test_the_node_writes_the_file_with_its_metadata_and_a_second_run_makes_no_mo
     assert selection.choice == "mine.safetensors" and path.is_file()
     first = calls["count"]
     assert MINIMUM <= first <= 400
+    assert calls["largest"] == LATENT["samples"].shape[0]  # the LATENT's batch size bounds every model call
     with safe_open(str(path), framework="pt") as handle:
         training = json.loads(handle.metadata()["training"])
     assert training["model_calls"] == first
