@@ -9,7 +9,10 @@ from .base import TestBed, run_sigmas
 from .gmm import GMM_BEDS, GMMTestBed, gmm_testbed
 
 FASHION_BED = "fashion-eps-cfg"
-TESTBED_NAMES = (*GMM_BEDS, FASHION_BED)
+# The same UNet architecture trained in ComfyUI's EPS (EDM-preconditioned), CONST (flow, shift 3) and V_PREDICTION
+# parameterisations: learned beds that differ in parameterisation only.
+FASHION_BEDS = (FASHION_BED, "fashion-flow-cfg", "fashion-v-cfg")
+TESTBED_NAMES = (*GMM_BEDS, *FASHION_BEDS)
 # The coefficient files trained on each bed: read by the benchmark and tests, kept out of solver/bundled/ so that
 # ComfyUI's coefficient lists offer artists only the defaults.
 COEFFICIENTS_DIR = Path(__file__).resolve().parent / "coefficients"
@@ -19,17 +22,18 @@ def get_testbed(name: str) -> TestBed:
     """The bed called ``name`` (one of ``TESTBED_NAMES``), built with its fixed default parameters."""
     if name in GMM_BEDS:
         return gmm_testbed(name)
-    if name == FASHION_BED:
-        # Imported here: the Fashion bed loads shipped weights, which GMM-only users never need.
+    if name in FASHION_BEDS:
+        # Imported here: the Fashion beds load shipped weights, which GMM-only users never need.
         from .fashion import FashionTestBed
 
-        return FashionTestBed()
+        return FashionTestBed(name)
     raise UnknownChoice("test bed", name, TESTBED_NAMES)
 
 
 __all__ = [
     "COEFFICIENTS_DIR",
     "FASHION_BED",
+    "FASHION_BEDS",
     "TESTBED_NAMES",
     "GMMTestBed",
     "TestBed",

@@ -1,9 +1,19 @@
-"""Fashion-MNIST test bed: a small class-conditional EDM UNet and a feature classifier, trained once and shipped.
+"""Fashion-MNIST test beds: one small class-conditional UNet architecture trained in three parameterisations, and a
+feature classifier, each trained once and shipped.
 
-The UNet is trained by ``training/testbeds/train_networks.py`` and its EMA weights ship in
-``training/testbeds/weights/``.
-Its denoiser follows ComfyUI's EPS convention (x = x0 + sigma * eps, ``denoise`` returns x0), so every
-sampler of the pack runs on it unchanged. The classifier gives the label-agreement and Frechet metrics.
+The UNets are trained by ``training/testbeds/train_networks.py`` and their EMA weights ship in
+``training/testbeds/weights/``. Each parameterisation is a ComfyUI model type, and ``denoise`` returns x0 in its
+model space, so every sampler of the pack runs on all of them unchanged:
+
+- ``edm`` (bed ``fashion-eps-cfg``): ComfyUI EPS space, x = x0 + sigma * eps, with Karras et al. (2022)
+  preconditioning inside the network.
+- ``flow`` (bed ``fashion-flow-cfg``): ComfyUI CONST (rectified flow, as SD3), x = (1 - sigma) * x0 + sigma * eps,
+  the network predicts the velocity eps - x0 from the timestep 1000 * sigma, and the schedule is
+  ``ModelSamplingDiscreteFlow`` with shift 3.
+- ``v`` (bed ``fashion-v-cfg``): ComfyUI V_PREDICTION (as SD2-768) on SD1.x's discrete 1000-step schedule: the
+  network sees x / sqrt(sigma^2 + 1) and the nearest discrete timestep, and predicts v.
+
+The classifier gives the label-agreement and Frechet metrics.
 """
 
 from __future__ import annotations
@@ -11,23 +21,32 @@ from __future__ import annotations
 import gzip
 import hashlib
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .base import TestBed
+from ...solver import check_choice
+from ...solver.schedules import DiscreteSchedule
+from .base import FLOW_SHIFT, TestBed
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 UNET_WEIGHTS = WEIGHTS_DIR / "fashion_unet.safetensors"
+FLOW_UNET_WEIGHTS = WEIGHTS_DIR / "fashion_flow_unet.safetensors"
+V_UNET_WEIGHTS = WEIGHTS_DIR / "fashion_v_unet.safetensors"
 CLASSIFIER_WEIGHTS = WEIGHTS_DIR / "fashion_classifier.safetensors"
 CLASS_NAMES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 NUM_CLASSES = 10
 SIGMA_DATA = 0.5
+PARAMETERISATIONS = ("edm", "flow", "v")
+# SD1.x's discrete schedule, which ComfyUI's ModelSamplingDiscrete computes for V_PREDICTION models too.
+VP_SCHEDULE = DiscreteSchedule()
 
 
 # --- data -------------------------------------------------------------------------------------------------------
@@ -71,8 +90,19 @@ def edm_scalings(sigma: Tensor, sigma_data: float = SIGMA_DATA) -> tuple[Tensor,
     return sigma_data**2 / total, sigma * sigma_data / total.sqrt(), 1 / total.sqrt(), sigma.log() / 4
 
 
+def flow_sigma(t: Tensor, shift: float = FLOW_SHIFT) -> Tensor:
+    """ComfyUI's ``time_snr_shift``: the flow sigma at time t in [0, 1] (what ``ModelSamplingDiscreteFlow`` uses)."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def timestep_feature(timestep: Tensor) -> Tensor:
+    """ComfyUI's model timestep (0 .. 1000: 1000 * sigma for flow, the discrete index for V) mapped to [-1, 1]."""
+    return timestep / 500 - 1
+
+
 class FourierEmbedding(nn.Module):
-    """sin/cos of c_noise at fixed geometric frequencies; c_noise = log(sigma)/4 spans about [-1, 1]."""
+    """sin/cos of c_noise at fixed geometric frequencies; c_noise (log(sigma)/4 or ``timestep_feature``) spans
+    about [-1, 1]."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -124,14 +154,23 @@ class Attention(nn.Module):
 
 
 class FashionUNet(nn.Module):
-    """Class-conditional UNet on 28 -> 14 -> 7 with EDM preconditioning.
+    """Class-conditional UNet on 28 -> 14 -> 7 in one of ``PARAMETERISATIONS`` (see the module docstring).
 
-    ``forward(x, sigma, labels)`` is the denoiser D(x; sigma, label) = E[x0 | x] for x = x0 + sigma * eps.
-    Label ``num_classes`` is the "null" class used for classifier-free guidance (and for ``labels=None``).
+    ``forward(x, sigma, labels)`` is the denoiser D(x; sigma, label) = E[x0 | x] for x in the parameterisation's
+    model space. Label ``num_classes`` is the "null" class used for classifier-free guidance (and for
+    ``labels=None``). The parameterisation changes no weight shapes, only how the network is read.
     """
 
-    def __init__(self, channels: tuple[int, int, int] = (32, 64, 96), emb_channels: int = 128, num_classes: int = 10):
+    def __init__(
+        self,
+        channels: tuple[int, int, int] = (32, 64, 96),
+        emb_channels: int = 128,
+        num_classes: int = 10,
+        parameterisation: str = "edm",
+    ):
         super().__init__()
+        check_choice("parameterisation", parameterisation, PARAMETERISATIONS)
+        self.parameterisation = parameterisation
         c0, c1, c2 = channels
         self.num_classes = num_classes
         self.fourier = FourierEmbedding(64)
@@ -173,6 +212,17 @@ class FashionUNet(nn.Module):
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
         if labels is None:
             labels = self.null_labels(x.shape[0], x.device)
+        column = sigma.reshape(-1, 1, 1, 1)
+        if self.parameterisation == "flow":
+            # CONST: the input is x itself, the timestep 1000 * sigma, and denoised = x - sigma * velocity.
+            return x - column * self.raw(x, timestep_feature(1000 * sigma), labels)
+        if self.parameterisation == "v":
+            # V_PREDICTION with sigma_data 1: input x / sqrt(sigma^2 + 1), the nearest discrete timestep (as
+            # ModelSamplingDiscrete.timestep), denoised = x / (sigma^2 + 1) - v * sigma / sqrt(sigma^2 + 1).
+            timestep = VP_SCHEDULE.timestep(sigma.detach().double().cpu()).to(x.dtype).to(x.device)
+            scale = (column**2 + 1).rsqrt()
+            velocity = self.raw(x * scale, timestep_feature(timestep), labels)
+            return x * scale**2 - velocity * column * scale
         c_skip, c_out, c_in, c_noise = (c.reshape(-1, 1, 1, 1) for c in edm_scalings(sigma))
         return c_skip * x + c_out * self.raw(c_in * x, c_noise.reshape(-1), labels)
 
@@ -217,14 +267,20 @@ def _load_weights(module: nn.Module, path: Path) -> nn.Module:
             f"{path} is missing: it ships with the package; retrain it with "
             "python -m consistency_solver.training.testbeds.train_networks (see README)"
         )
+    expected = getattr(module, "parameterisation", None)
+    with safe_open(str(path), "pt") as f:
+        # Files written before the parameterisation was recorded are the EDM UNet.
+        stored = (f.metadata() or {}).get("parameterisation", "edm")
+    if expected is not None and stored != expected:
+        raise ValueError(f"{path} holds a {stored!r} UNet; load it with parameterisation={stored!r}, not {expected!r}")
     state = {name: t.float() if t.is_floating_point() else t for name, t in load_file(str(path)).items()}
     module.load_state_dict(state)
     return module.eval().requires_grad_(False)
 
 
-def load_unet(path: Path | str = UNET_WEIGHTS) -> FashionUNet:
-    """The shipped (EMA, fp16-stored) UNet in float32 eval mode."""
-    return _load_weights(FashionUNet(), Path(path))
+def load_unet(path: Path | str = UNET_WEIGHTS, parameterisation: str = "edm") -> FashionUNet:
+    """A shipped (EMA, fp16-stored) UNet in float32 eval mode."""
+    return _load_weights(FashionUNet(parameterisation=parameterisation), Path(path))
 
 
 def load_classifier(path: Path | str = CLASSIFIER_WEIGHTS) -> FashionClassifier:
@@ -235,23 +291,42 @@ def load_classifier(path: Path | str = CLASSIFIER_WEIGHTS) -> FashionClassifier:
 # --- test bed ---------------------------------------------------------------------------------------------------
 
 
-class FashionTestBed(TestBed):
-    """Fashion-MNIST, class-conditional, EPS convention, classifier-free guidance D_u + w (D_c - D_u).
+@dataclass(frozen=True)
+class FashionModel:
+    """What tells the Fashion beds apart: their model family (coefficient files match it), parameterisation and
+    shipped weights."""
 
-    Schedule, noise, labels and the initial state are the interface defaults (Karras over SD1.5's range),
-    so one eps coefficient file spans this bed and the Gaussian-mixture eps beds.
+    model_family: str
+    parameterisation: str
+    weights: Path
+
+
+FASHION_MODELS = {
+    "fashion-eps-cfg": FashionModel("fashion-eps", "edm", UNET_WEIGHTS),
+    "fashion-flow-cfg": FashionModel("fashion-flow", "flow", FLOW_UNET_WEIGHTS),
+    # V-prediction samples in ComfyUI's EPS space (k-diffusion VE form), so its family is of the eps kind.
+    "fashion-v-cfg": FashionModel("fashion-v-eps", "v", V_UNET_WEIGHTS),
+}
+
+
+class FashionTestBed(TestBed):
+    """Fashion-MNIST, class-conditional, classifier-free guidance D_u + w (D_c - D_u), one of ``FASHION_MODELS``.
+
+    Schedule, noise, labels and the initial state are the interface defaults of the bed's kind (Karras over SD1.5's
+    range for eps and V, the shift-3 flow schedule, equal to ComfyUI's ``simple`` when the step count divides 1000,
+    for flow), so one coefficient file spans these beds and the Gaussian-mixture beds of the same kind.
     """
 
-    name = "fashion-eps-cfg"
-    model_family = "fashion-eps"
     shape = (1, 28, 28)
     num_classes = NUM_CLASSES
 
-    def __init__(self, guidance: float = 3.0, weights: Path | str = UNET_WEIGHTS):
-        self.guidance = guidance
-        self.weights = Path(weights)
+    def __init__(self, name: str = "fashion-eps-cfg", guidance: float = 3.0, weights: Path | str | None = None):
+        check_choice("Fashion bed", name, tuple(FASHION_MODELS))
+        model = FASHION_MODELS[name]
+        self.name, self.model_family, self.guidance = name, model.model_family, guidance
+        self.weights = Path(weights) if weights is not None else model.weights
         # Frozen weights instead of no_grad: the trainer's direct mode back-propagates through x.
-        self.unet = load_unet(self.weights).requires_grad_(False)
+        self.unet = load_unet(self.weights, model.parameterisation).requires_grad_(False)
 
     def identity(self) -> str:
         digest = hashlib.sha256(self.weights.read_bytes()).hexdigest()[:16]

@@ -1,7 +1,12 @@
-r"""Train the Fashion-MNIST test bed's UNet or classifier from a seed and save fp16 EMA weights.
+r"""Train a Fashion-MNIST test bed's UNet (in one of three parameterisations) or the classifier from a seed and
+save fp16 EMA weights.
 
     python -m consistency_solver.training.testbeds.train_networks unet --seed 0 --minutes 72 \
         --out training/testbeds/weights/fashion_unet.safetensors
+    python -m consistency_solver.training.testbeds.train_networks unet --parameterisation flow --seed 0 \
+        --steps STEPS --out training/testbeds/weights/fashion_flow_unet.safetensors
+    python -m consistency_solver.training.testbeds.train_networks unet --parameterisation v --seed 0 \
+        --steps STEPS --out training/testbeds/weights/fashion_v_unet.safetensors
     python -m consistency_solver.training.testbeds.train_networks classifier --seed 0 \
         --out training/testbeds/weights/fashion_classifier.safetensors
 
@@ -27,12 +32,16 @@ from tqdm.auto import tqdm
 
 from ...solver.files import write_safetensors
 from .fashion import (
+    PARAMETERISATIONS,
     SIGMA_DATA,
+    VP_SCHEDULE,
     FashionClassifier,
     FashionUNet,
     count_parameters,
     edm_scalings,
+    flow_sigma,
     load_fashion_mnist,
+    timestep_feature,
 )
 
 # EDM's log-normal training sigmas concentrate around exp(-1.2) ~ 0.3; SD1.5's range reaches 14.6, where
@@ -40,6 +49,7 @@ from .fashion import (
 P_MEAN, P_STD = -1.2, 1.2
 LOG_UNIFORM_SHARE, LOG_UNIFORM_RANGE = 0.15, (0.02, 20.0)
 LABEL_DROPOUT = 0.1
+FLOW_UNIFORM_SHARE = 0.15  # of flow training times drawn uniformly, so both ends of [0, 1] are learned
 
 
 def sample_training_sigmas(count: int, generator: torch.Generator) -> Tensor:
@@ -50,15 +60,53 @@ def sample_training_sigmas(count: int, generator: torch.Generator) -> Tensor:
     return torch.where(use_uniform, log_uniform, log_normal).exp()
 
 
+def _dropped_labels(net: FashionUNet, labels: Tensor, generator: torch.Generator) -> Tensor:
+    """Labels with a ``LABEL_DROPOUT`` share replaced by the null class, for classifier-free guidance."""
+    dropped = torch.rand(labels.shape, generator=generator) < LABEL_DROPOUT
+    return torch.where(dropped, net.null_labels(labels.shape[0]), labels)
+
+
 def edm_loss(net: FashionUNet, images: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
     """Karras et al. (2022) loss: lambda(sigma) |D(x0 + sigma eps) - x0|^2, i.e. the raw network's target MSE."""
     sigma = sample_training_sigmas(images.shape[0], generator)
     noisy = images + sigma.reshape(-1, 1, 1, 1) * torch.randn(images.shape, generator=generator)
-    dropped = torch.rand(labels.shape, generator=generator) < LABEL_DROPOUT
-    labels = torch.where(dropped, net.null_labels(labels.shape[0]), labels)
+    labels = _dropped_labels(net, labels, generator)
     c_skip, c_out, c_in, c_noise = (c.reshape(-1, 1, 1, 1) for c in edm_scalings(sigma, SIGMA_DATA))
     target = (images - c_skip * noisy) / c_out
     return F.mse_loss(net.raw(c_in * noisy, c_noise.reshape(-1), labels).float(), target)
+
+
+def flow_loss(net: FashionUNet, images: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
+    """Rectified-flow loss |v(x_t, 1000 sigma) - (eps - x0)|^2 for x_t = (1 - sigma) x0 + sigma eps.
+
+    Times are SD3's logit-normal density (plus a uniform share, for the ends) mapped through the sampling shift,
+    so training sigmas fall where the shift-3 schedule takes its steps.
+    """
+    count = images.shape[0]
+    logit_normal = torch.randn(count, generator=generator).sigmoid()
+    uniform = torch.rand(count, generator=generator)
+    use_uniform = torch.rand(count, generator=generator) < FLOW_UNIFORM_SHARE
+    sigma = flow_sigma(torch.where(use_uniform, uniform, logit_normal))
+    noise = torch.randn(images.shape, generator=generator)
+    column = sigma.reshape(-1, 1, 1, 1)
+    noisy = (1 - column) * images + column * noise
+    velocity = net.raw(noisy, timestep_feature(1000 * sigma), _dropped_labels(net, labels, generator))
+    return F.mse_loss(velocity.float(), noise - images)
+
+
+def v_loss(net: FashionUNet, images: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
+    """V-prediction loss (Salimans & Ho, 2022) on the discrete VP schedule: uniform timesteps t, x_t = alpha x0 +
+    s eps with alpha = 1 / sqrt(1 + sigma_t^2), s = sigma_t alpha, target v = alpha eps - s x0."""
+    timestep = torch.randint(len(VP_SCHEDULE.sigmas), (images.shape[0],), generator=generator)
+    sigma = VP_SCHEDULE.sigmas[timestep].float().reshape(-1, 1, 1, 1)
+    alpha = (sigma**2 + 1).rsqrt()
+    noise = torch.randn(images.shape, generator=generator)
+    noisy = alpha * images + sigma * alpha * noise
+    velocity = net.raw(noisy, timestep_feature(timestep.float()), _dropped_labels(net, labels, generator))
+    return F.mse_loss(velocity.float(), alpha * noise - sigma * alpha * images)
+
+
+UNET_LOSSES = {"edm": edm_loss, "flow": flow_loss, "v": v_loss}
 
 
 def classifier_loss(net: FashionClassifier, images: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
@@ -98,8 +146,9 @@ def train(args: argparse.Namespace) -> None:
     generator = torch.Generator().manual_seed(args.seed)
     images, labels = load_fashion_mnist("train")
     if args.what == "unet":
-        net: nn.Module = FashionUNet()
-        loss_fn, lr, batch_size, ema_decay = edm_loss, args.lr or 6e-4, args.batch_size or 64, 0.999
+        net: nn.Module = FashionUNet(parameterisation=args.parameterisation)
+        loss_fn, lr, batch_size = UNET_LOSSES[args.parameterisation], args.lr or 6e-4, args.batch_size or 64
+        ema_decay = 0.999
     else:
         net = FashionClassifier()
         loss_fn, lr, batch_size, ema_decay = classifier_loss, args.lr or 2e-3, args.batch_size or 128, 0.99
@@ -108,6 +157,7 @@ def train(args: argparse.Namespace) -> None:
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
     metadata: dict[str, object] = {
         "model": args.what,
+        **({"parameterisation": args.parameterisation} if args.what == "unet" else {}),
         "seed": args.seed,
         "params": count_parameters(net),
         "batch_size": batch_size,
@@ -157,6 +207,12 @@ def train(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["unet", "classifier"])
+    parser.add_argument(
+        "--parameterisation",
+        choices=PARAMETERISATIONS,
+        default="edm",
+        help="unet only: edm (ComfyUI EPS, fashion-eps-cfg), flow (CONST, shift 3) or v (V_PREDICTION)",
+    )
     parser.add_argument("--out", type=Path, help="output .safetensors (fp16 EMA weights)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--minutes", type=float, default=75.0, help="wall-clock budget")
