@@ -39,7 +39,7 @@ from torch import Tensor
 from ...solver import PRESET_NAMES, Preset, TableCoefficients, load_coefficients, model_kind
 from ...solver.defaults import BUNDLED_DIR
 from ...solver.schedules import DiscreteSchedule
-from ..testbeds import COEFFICIENTS_DIR, FASHION_BED, TESTBED_NAMES, GMMTestBed, TestBed, get_testbed, run_sigmas
+from ..testbeds import COEFFICIENTS_DIR, FASHION_BEDS, TESTBED_NAMES, GMMTestBed, TestBed, get_testbed, run_sigmas
 from . import stock_samplers
 from .evaluator import Sampler, sample_previews, solver_sampler
 from .metrics import consistency_rmse, frechet_distance, label_agreement, mode_tv, rmse_per_sample, sliced_wasserstein
@@ -51,7 +51,7 @@ REFERENCE_STEPS = 40
 LIVE_PREVIEW_STEPS = 30
 MATCH_TARGETS = (10, 20)
 MAX_MATCH_STEPS = 20
-DEFAULT_BEDS = TESTBED_NAMES  # all nine: the trainer's acceptance is judged on every bed
+DEFAULT_BEDS = TESTBED_NAMES  # every bed: the trainer's acceptance is judged on all of them
 QUICK_BEDS = ("gmm-vector-eps-cfg", "gmm-vector-flow-cfg")
 # On the mixtures 1-4% of noises land in another mode at 5 steps and dominate the RMSE; 2048 noises pin that rate
 # down (256 left it to a handful of noises). A mixture model call is a closed-form matmul, so they are cheap.
@@ -257,7 +257,7 @@ def live_preview_row(bed: TestBed, noise: Tensor, labels: Tensor | None) -> Row:
 def bed_samples(name: str, quick: bool) -> int:
     if quick:
         return QUICK_SAMPLES
-    return SAMPLES["fashion"] if name == FASHION_BED else SAMPLES["gmm"]
+    return SAMPLES["fashion"] if name in FASHION_BEDS else SAMPLES["gmm"]
 
 
 def evaluate_bed(

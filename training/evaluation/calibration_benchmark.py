@@ -24,7 +24,7 @@ import torch
 
 from ...solver import load_coefficients, model_kind
 from ...solver.defaults import BUNDLED_DIR, default_file_name
-from ..testbeds import COEFFICIENTS_DIR, FASHION_BED, TESTBED_NAMES, get_testbed
+from ..testbeds import COEFFICIENTS_DIR, FASHION_BED, FASHION_BEDS, TESTBED_NAMES, get_testbed
 from .calibrated import (
     CALIBRATED,
     calibrate_bed,
@@ -44,7 +44,7 @@ OWN, DEFAULT = "own trained file", "default file"
 
 
 def held_out_count(name: str) -> int:
-    return HELD_OUT["fashion" if name == FASHION_BED else "gmm"]
+    return HELD_OUT["fashion" if name in FASHION_BEDS else "gmm"]
 
 
 def bed_row(name: str, budget: int) -> dict:
@@ -146,7 +146,9 @@ def plot(path: Path, curves: dict[str, dict[int, dict]], results: list[dict]) ->
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--beds", nargs="+", choices=TESTBED_NAMES, default=list(TESTBED_NAMES))
+    # Each bed is judged against its own trained file, so only beds that have one can be chosen.
+    trained_beds = [name for name in TESTBED_NAMES if (COEFFICIENTS_DIR / f"{name}.safetensors").is_file()]
+    parser.add_argument("--beds", nargs="+", choices=trained_beds, default=trained_beds)
     parser.add_argument("--budget", type=int, default=BUDGET)
     parser.add_argument("--budgets", type=int, nargs="*", default=list(BUDGETS))
     parser.add_argument("--plot-beds", nargs="*", choices=TESTBED_NAMES, default=list(PLOT_BEDS))

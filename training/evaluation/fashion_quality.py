@@ -1,6 +1,7 @@
-"""How good the shipped Fashion-MNIST test bed is: its UNet's samples scored by its classifier.
+"""How good a shipped Fashion-MNIST test bed is: its UNet's samples scored by the shipped classifier.
 
     python -m consistency_solver.training.evaluation.fashion_quality --samples 500 --grid outputs/fashion_samples.png
+    python -m consistency_solver.training.evaluation.fashion_quality --bed fashion-flow-cfg --samples 500
 
 samples held-out seeds with the shared multistep reference (100 steps) and reports the classifier's label
 accuracy on them and the Frechet distance in its features to the real test set, beside the real-vs-real floor.
@@ -16,17 +17,25 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..testbeds.fashion import CLASSIFIER_WEIGHTS, UNET_WEIGHTS, FashionTestBed, load_classifier, load_fashion_mnist
+from ..testbeds import FASHION_BED, FASHION_BEDS
+from ..testbeds.fashion import CLASSIFIER_WEIGHTS, FashionTestBed, load_classifier, load_fashion_mnist
 from .metrics import frechet_distance, label_agreement
 from .references import held_out_seeds, reference_finals, seeded_batch
 
 
 @torch.no_grad()
 def evaluate(
-    unet: Path, classifier: Path, samples: int, sample_steps: int, guidance: float, grid: Path | None
-) -> dict[str, float]:
-    """Class-conditional samples of the UNet scored by the classifier against the real test set."""
-    bed = FashionTestBed(guidance=guidance, weights=unet)
+    unet: Path | None,
+    classifier: Path,
+    samples: int,
+    sample_steps: int,
+    guidance: float,
+    grid: Path | None,
+    bed_name: str = FASHION_BED,
+) -> dict[str, float | str]:
+    """Class-conditional samples of bed ``bed_name`` (with the UNet weights ``unet``, or the bed's shipped ones
+    when None) scored by the classifier against the real test set."""
+    bed = FashionTestBed(bed_name, guidance=guidance, weights=unet)
     scorer = load_classifier(classifier)
     noise, labels = seeded_batch(bed, held_out_seeds(samples))
     generated = torch.cat(
@@ -39,6 +48,7 @@ def evaluate(
     real, other_real = test_images[:samples], test_images[5000 : 5000 + samples]
     clipped = generated.clamp(-1, 1)
     results = {
+        "bed": bed_name,
         "samples": samples,
         "sample_steps": sample_steps,
         "guidance": guidance,
@@ -65,7 +75,8 @@ def save_grid(images: Tensor, path: Path, columns: int = 20) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--unet", type=Path, default=UNET_WEIGHTS)
+    parser.add_argument("--bed", choices=FASHION_BEDS, default=FASHION_BED)
+    parser.add_argument("--unet", type=Path, default=None, help="UNet weights (default: the bed's shipped ones)")
     parser.add_argument("--classifier", type=Path, default=CLASSIFIER_WEIGHTS)
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--sample-steps", type=int, default=100, help="steps of the ab4 multistep reference")
@@ -74,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(json.dumps(evaluate(args.unet, args.classifier, args.samples, args.sample_steps, args.guidance, args.grid)))
+    results = evaluate(args.unet, args.classifier, args.samples, args.sample_steps, args.guidance, args.grid, args.bed)
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":
