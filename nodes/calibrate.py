@@ -19,18 +19,16 @@ from typing import Any
 
 import torch
 
+from . import widgets
 from .coefficients import FOLDER_NAME, CoefficientSelection
+from .preview_state import DEFAULT_REFINE_SAMPLER
+from .widgets import CATEGORY, COEFFICIENTS_TYPE, REFINE_SCHEDULER, SEED_MAX
 
 NODE = "Consistency Solver Calibrate"
-CATEGORY = "sampling/consistency_solver"
-COEFFICIENTS_TYPE = "CONSISTENCY_COEFFICIENTS"
 DEFAULT_STEPS = "5,8"
 DEFAULT_BUDGET = 3000
 DEFAULT_NOISES = 32  # with the default 30-step refine: 32 x (30 + 4 + 7) = 1,312 model calls
-REFINE_SAMPLER = "dpmpp_2m"  # what Diffusion Refine uses without a SAMPLER input
-REFINE_SCHEDULER = "simple"
 REFINE_STEPS = 30
-SEED_MAX = 0xFFFFFFFFFFFFFFFF
 # Model calls per step of stock samplers that evaluate the model more than once a step (the rest: one).
 CALLS_PER_STEP = {
     "heun": 2,
@@ -74,18 +72,6 @@ def calibration_file_name(name: str) -> str:
             f"folders (it reads {name!r})."
         )
     return f"{name}.safetensors"
-
-
-def sampler_names() -> list[str]:
-    import comfy.samplers
-
-    return comfy.samplers.KSampler.SAMPLERS
-
-
-def scheduler_names() -> list[str]:
-    import comfy.samplers
-
-    return comfy.samplers.KSampler.SCHEDULERS
 
 
 class ConsistencySolverCalibrate:
@@ -141,14 +127,14 @@ class ConsistencySolverCalibrate:
                     {"default": DEFAULT_STEPS, "tooltip": "The preview step counts to calibrate, e.g. 5,8."},
                 ),
                 "refine_sampler": (
-                    sampler_names(),
+                    widgets.sampler_names(),
                     {
-                        "default": REFINE_SAMPLER,
+                        "default": DEFAULT_REFINE_SAMPLER,
                         "tooltip": "The sampler of the final render the previews should match.",
                     },
                 ),
                 "refine_scheduler": (
-                    scheduler_names(),
+                    widgets.scheduler_names(),
                     {"default": REFINE_SCHEDULER, "tooltip": "The scheduler of the final render."},
                 ),
                 "refine_steps": (

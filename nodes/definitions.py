@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import widgets
 from .calibrate import ConsistencySolverCalibrate
 from .coefficients import (
-    FOLDER_NAME,
     INFERENCE_MODE_CHOICES,
     SCHEDULER_NAME,
     STORED_MODE,
@@ -22,32 +22,15 @@ from .coefficients import (
 )
 from .messages import SAMPLER_NODE
 from .preview_state import DEFAULT_REFINE_SAMPLER, SELECT_ALL, PreviewRequest, RefineRequest
+from .widgets import CATEGORY, COEFFICIENTS_TYPE, PREVIEW_STATE_TYPE, REFINE_SCHEDULER, SCHEDULER_CATEGORY, SEED_MAX
 
-CATEGORY = "sampling/consistency_solver"
-SCHEDULER_CATEGORY = "sampling/custom_sampling/schedulers"  # beside BasicScheduler and KarrasScheduler
-COEFFICIENTS_TYPE = "CONSISTENCY_COEFFICIENTS"
-PREVIEW_STATE_TYPE = "PREVIEW_STATE"
 # The preview runs on the schedule learned with its coefficients (the bundled defaults carry one): on the
 # stock schedules the learned weights lose much of their consistency. The refine keeps a stock schedule.
 PREVIEW_SCHEDULER = SCHEDULER_NAME
-REFINE_SCHEDULER = "simple"
-SEED_MAX = 0xFFFFFFFFFFFFFFFF
 # The most steps any shipped or converted coefficients run (the pack's defaults 4-12, the paper's SD1.5 policy
 # 2-15): a preview is a few-step draft, and its coefficients refuse other counts anyway.
 PREVIEW_STEPS_MAX = 15
 SCHEDULE_STEPS_MAX = 100  # learned schedules are for few-step runs
-
-
-def scheduler_names() -> list[str]:
-    import comfy.samplers
-
-    return comfy.samplers.KSampler.SCHEDULERS
-
-
-def coefficient_file_names() -> list[str]:
-    import folder_paths
-
-    return folder_paths.get_filename_list(FOLDER_NAME)
 
 
 def _runtime():
@@ -58,7 +41,7 @@ def _runtime():
 
 def _coefficient_widget() -> tuple[list[str], dict[str, Any]]:
     return (
-        coefficient_choices(coefficient_file_names()),
+        coefficient_choices(widgets.coefficient_file_names()),
         {
             "default": "auto",
             "tooltip": "Which solver coefficients to use. 'auto' = the pack's trained default for this kind of "
@@ -123,7 +106,7 @@ def _cfg_input() -> tuple[str, dict[str, Any]]:
 
 
 def _scheduler_input(default: str, tooltip: str) -> tuple[list[str], dict[str, Any]]:
-    return (scheduler_names(), {"default": default, "tooltip": tooltip})
+    return (widgets.scheduler_names(), {"default": default, "tooltip": tooltip})
 
 
 def _selection(coefficients: str, inference_mode: str, allow_untrained_steps: bool, loaded: Any) -> Any:
@@ -135,7 +118,7 @@ def _selection(coefficients: str, inference_mode: str, allow_untrained_steps: bo
 def _validate_coefficients(cls: type, coefficients: str) -> bool | str:
     """ComfyUI's VALIDATE_INPUTS: the listed choices, and the bare preset names of workflows saved before the
     untrained mark (declaring ``coefficients`` here replaces ComfyUI's own is-it-in-the-list check)."""
-    if is_coefficient_choice(coefficients, coefficient_file_names()):
+    if is_coefficient_choice(coefficients, widgets.coefficient_file_names()):
         return True
     return (
         f"Pick another coefficients entry: '{coefficients}' is not in the list (coefficient files go in "

@@ -11,9 +11,9 @@ import torch
 from consistency_solver.nodes import (
     NODE_CLASS_MAPPINGS,
     NODE_DISPLAY_NAME_MAPPINGS,
-    calibrate,
     coefficients,
     definitions,
+    widgets,
 )
 from consistency_solver.nodes.coefficients import (
     AUTO,
@@ -67,10 +67,9 @@ MARKED_PRESETS = [f"{name} (untrained)" for name in PRESET_NAMES]
 @pytest.fixture
 def live_lists(monkeypatch):
     """What ComfyUI would list: its schedulers and the coefficient files."""
-    monkeypatch.setattr(definitions, "scheduler_names", lambda: SCHEDULERS)
-    monkeypatch.setattr(definitions, "coefficient_file_names", lambda: ["mine.safetensors"])
-    monkeypatch.setattr(calibrate, "scheduler_names", lambda: SCHEDULERS)
-    monkeypatch.setattr(calibrate, "sampler_names", lambda: ["euler", "dpmpp_2m"])
+    monkeypatch.setattr(widgets, "scheduler_names", lambda: SCHEDULERS)
+    monkeypatch.setattr(widgets, "coefficient_file_names", lambda: ["mine.safetensors"])
+    monkeypatch.setattr(widgets, "sampler_names", lambda: ["euler", "dpmpp_2m"])
 
 
 def table_file(path, family="any", weights=(1.5, -0.5), steps=4):
@@ -321,7 +320,7 @@ def test_the_scheduler_node_sits_with_the_stock_schedulers(live_lists):
 
 
 def test_the_preview_defaults_to_the_learned_schedule_and_the_refine_to_a_stock_one(live_lists, monkeypatch):
-    monkeypatch.setattr(definitions, "scheduler_names", lambda: [*SCHEDULERS, "consistency_solver"])
+    monkeypatch.setattr(widgets, "scheduler_names", lambda: [*SCHEDULERS, "consistency_solver"])
     preview = definitions.DiffusionPreview.INPUT_TYPES()["required"]["scheduler"]
     refine = definitions.DiffusionRefine.INPUT_TYPES()["required"]["scheduler"]
     assert preview[1]["default"] == "consistency_solver" and preview[1]["default"] in preview[0]

@@ -11,7 +11,7 @@ import pytest
 from fixtures.example_workflows import EXAMPLES, EXAMPLES_DIR
 from fixtures.workflows import UIGraph, check_workflow, node_info, widget_names
 
-from consistency_solver.nodes import NODE_CLASS_MAPPINGS, calibrate, definitions
+from consistency_solver.nodes import NODE_CLASS_MAPPINGS, widgets
 
 # Stands in for the stock loaders in the synthetic workflow.
 SOURCES = {"input": {"required": {}}, "output": ["MODEL", "CONDITIONING", "LATENT"], "output_name": ["m", "c", "l"]}
@@ -21,10 +21,9 @@ UI_KEYS = {"last_node_id", "last_link_id", "nodes", "links", "groups", "config",
 @pytest.fixture
 def our_definitions(monkeypatch):
     # The scheduler list as ComfyUI has it once the pack registered consistency_solver.
-    monkeypatch.setattr(definitions, "scheduler_names", lambda: ["simple", "karras", "consistency_solver"])
-    monkeypatch.setattr(definitions, "coefficient_file_names", lambda: [])
-    monkeypatch.setattr(calibrate, "scheduler_names", lambda: ["simple", "karras", "consistency_solver"])
-    monkeypatch.setattr(calibrate, "sampler_names", lambda: ["euler", "dpmpp_2m", "consistency_solver"])
+    monkeypatch.setattr(widgets, "scheduler_names", lambda: ["simple", "karras", "consistency_solver"])
+    monkeypatch.setattr(widgets, "coefficient_file_names", lambda: [])
+    monkeypatch.setattr(widgets, "sampler_names", lambda: ["euler", "dpmpp_2m", "consistency_solver"])
     return {name: node_info(cls) for name, cls in NODE_CLASS_MAPPINGS.items()} | {"Sources": SOURCES}
 
 
