@@ -60,7 +60,7 @@ def test_quick_benchmark_writes_tables_plots_and_numbers(tmp_path, capsys):
 def test_steps_to_match_says_how_far_a_row_could_go():
     references = torch.zeros(4, 2)
     close = torch.full((4, 2), 0.1)
-    dpm = benchmark.Row(benchmark.dpmpp_2m_sampler()[1], lambda steps: close)
+    dpm = benchmark.Row(benchmark.stock_samplers.dpmpp_2m()[1], lambda steps: close)
     # A table trained for 2-6 steps, never within dpmpp_2m's RMSE; a policy that matches it at 9 steps.
     table = benchmark.Row("ConsistencySolver (table)", lambda steps: close * 2 if steps <= 6 else None)
     policy = benchmark.Row("ConsistencySolver (policy)", lambda steps: close if steps >= 9 else close * 3)

@@ -217,29 +217,25 @@ def preset_rows(bed: TestBed, noise: Tensor, labels: Tensor | None) -> list[Row]
     ]
 
 
-def dpmpp_2m_sampler() -> tuple[Sampler, str]:
-    """The dpmpp_2m of the stock rows, with its row label (ComfyUI's, or the reimplementation's saying so)."""
-    sampler, source = stock_samplers.dpmpp_2m()
-    return sampler, "ComfyUI dpmpp_2m" if source == stock_samplers.COMFYUI else f"dpmpp_2m ({source})"
-
-
 def stock_rows(bed: TestBed, noise: Tensor, labels: Tensor | None) -> list[Row]:
     reason = stock_samplers.comfy_unavailable_reason()
-    if reason is not None:
-        rows = [Row(f"ComfyUI {name}", None, absent=reason) for name in stock_samplers.STOCK_SAMPLERS]
-        sampler, label = dpmpp_2m_sampler()
-        return [*rows, sampler_row(label, bed, sampler, bed.sigmas, noise, labels)]
-
-    def row(name: str) -> Row:
-        schedule = functools.partial(stock_samplers.stock_sampler_sigmas, name, bed.sigmas)
-        return sampler_row(f"ComfyUI {name}", bed, stock_samplers.stock_sampler(name), schedule, noise, labels)
-
-    return [row(name) for name in stock_samplers.STOCK_SAMPLERS]
+    absent = (
+        []
+        if reason is None
+        else [Row(f"ComfyUI {name}", None, absent=reason) for name in stock_samplers.STOCK_SAMPLERS]
+    )
+    return [
+        *absent,
+        *(
+            sampler_row(label, bed, sampler, schedule, noise, labels)
+            for label, (sampler, schedule) in stock_samplers.stock_comparison(bed.sigmas).items()
+        ),
+    ]
 
 
 def live_preview_row(bed: TestBed, noise: Tensor, labels: Tensor | None) -> Row:
     """The denoised estimate at step N of a 30-step dpmpp_2m run: what ComfyUI's latent preview shows."""
-    sampler, label = dpmpp_2m_sampler()
+    sampler, label = stock_samplers.dpmpp_2m()
     sigmas = bed.sigmas(LIVE_PREVIEW_STEPS).float()
     denoised: dict[int, Tensor] = {}
 
@@ -302,7 +298,7 @@ def evaluate_bed(
 
 def steps_to_match(rows: list[Row], solver_rows: list[Row], references: Tensor, cache: dict, result: BedResult) -> None:
     """Fewest ConsistencySolver steps whose RMSE is at most dpmpp_2m's at 10 and at 20 steps."""
-    _, dpm_label = dpmpp_2m_sampler()  # the stock row's label, ComfyUI's or the reimplementation's
+    _, dpm_label = stock_samplers.dpmpp_2m()  # the stock row's label, ComfyUI's or the reimplementation's
     dpm_row = next(row for row in rows if row.label == dpm_label)
     for target in MATCH_TARGETS:
         if (dpm_label, target) not in cache:
@@ -345,7 +341,7 @@ def sampler_overhead(files: list[Path], repeats: int) -> dict[str, float]:
             continue
         coefficients, solver_label = candidate, f"ConsistencySolver ({path.stem})"
         break
-    dpm_sampler, dpm_label = dpmpp_2m_sampler()
+    dpm_sampler, dpm_label = stock_samplers.dpmpp_2m()
 
     def zero_cost(x: Tensor, sigma: Tensor, **extra_args) -> Tensor:
         return zeros

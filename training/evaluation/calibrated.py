@@ -26,14 +26,7 @@ from .references import (
     seeded_batch,
     training_seeds,
 )
-from .stock_samplers import (
-    BASELINE_LABEL,
-    STOCK_SAMPLERS,
-    comfy_unavailable_reason,
-    sample_dpmpp_2m,
-    stock_sampler,
-    stock_sampler_sigmas,
-)
+from .stock_samplers import is_stock_label, stock_comparison
 
 REFERENCE_STEPS = 40  # the benchmark's reference final
 CALIBRATED = "calibrated"
@@ -114,23 +107,14 @@ def held_out_comparison(
                             finals)
             for n in steps
         }  # fmt: skip
-    if comfy_unavailable_reason() is None:
-        for name in STOCK_SAMPLERS:
-            sampler = stock_sampler(name)
-            rows[f"ComfyUI {name}"] = {
-                n: preview_rmse(bed, sampler, stock_sampler_sigmas(name, bed.sigmas, n).float(), noise, labels, finals)
-                for n in steps
-            }
-    else:
-        rows[f"dpmpp_2m ({BASELINE_LABEL})"] = {
-            n: preview_rmse(bed, sample_dpmpp_2m, bed.sigmas(n).float(), noise, labels, finals) for n in steps
-        }
+    for label, (sampler, schedule) in stock_comparison(bed.sigmas).items():
+        rows[label] = {n: preview_rmse(bed, sampler, schedule(n).float(), noise, labels, finals) for n in steps}
     return rows
 
 
 def stock_rows(rows: dict[str, dict[int, float]]) -> list[str]:
     """The rows of ``held_out_comparison`` that are stock samplers (ComfyUI's, or the project's dpmpp_2m)."""
-    return [label for label in rows if label.startswith("ComfyUI ") or label.startswith("dpmpp_2m (")]
+    return [label for label in rows if is_stock_label(label)]
 
 
 def ratios_to_best_stock(rows: dict[str, dict[int, float]], label: str = CALIBRATED) -> dict[int, dict[str, Any]]:

@@ -28,7 +28,6 @@ from tqdm.auto import trange
 from ...solver import Preset, check_choice, sample_consistency_solver
 
 BASELINE_LABEL = "project reimplementation"
-COMFYUI = "ComfyUI"
 
 
 @torch.no_grad()
@@ -157,8 +156,27 @@ def stock_sampler_sigmas(name: str, schedule: Callable[[int], Tensor], steps: in
 
 
 def dpmpp_2m() -> tuple[Callable[..., Tensor], str]:
-    """The dpmpp_2m every result compares with: ComfyUI's when ComfyUI imports, else the project's
-    reimplementation; with where it comes from (``COMFYUI`` or ``BASELINE_LABEL``), which results name."""
+    """The dpmpp_2m every result compares with, and the label results give it: ComfyUI's when ComfyUI imports,
+    else the project's reimplementation, saying so."""
     if comfy_unavailable_reason() is None:
-        return stock_sampler("dpmpp_2m"), COMFYUI
-    return sample_dpmpp_2m, BASELINE_LABEL
+        return stock_sampler("dpmpp_2m"), "ComfyUI dpmpp_2m"
+    return sample_dpmpp_2m, f"dpmpp_2m ({BASELINE_LABEL})"
+
+
+def stock_comparison(
+    schedule: Callable[[int], Tensor],
+) -> dict[str, tuple[Callable[..., Tensor], Callable[[int], Tensor]]]:
+    """The stock samplers every result compares with, {label: (sampler, steps -> sigmas)}: each of ComfyUI's on the
+    sigmas KSampler gives it for ``schedule`` when ComfyUI imports, else the project's dpmpp_2m on ``schedule``."""
+    if comfy_unavailable_reason() is None:
+        return {
+            f"ComfyUI {name}": (stock_sampler(name), partial(stock_sampler_sigmas, name, schedule))
+            for name in STOCK_SAMPLERS
+        }
+    sampler, label = dpmpp_2m()
+    return {label: (sampler, schedule)}
+
+
+def is_stock_label(label: str) -> bool:
+    """Whether a result row named ``label`` is one of ``stock_comparison``'s."""
+    return label.startswith("ComfyUI ") or label == f"dpmpp_2m ({BASELINE_LABEL})"

@@ -10,25 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from ...solver import PRESET_NAMES, Preset
-from ..evaluation.stock_samplers import (
-    STOCK_SAMPLERS,
-    comfy_unavailable_reason,
-    dpmpp_2m,
-    stock_sampler,
-    stock_sampler_sigmas,
-)
+from ..evaluation.stock_samplers import dpmpp_2m, is_stock_label, stock_comparison
 from .loop import Problem, TrainConfig, TrainState, build_policy, coefficients, held_out_rmse, held_out_sampler_rmse
-
-STOCK_REFERENCE = "dpmpp_2m"
 
 
 def held_out_table(
     state: TrainState, problems: list[Problem], names: list[str], config: TrainConfig, steps: list[int]
 ) -> dict[str, dict[str, dict[int, float]]]:
-    """{problem name: {solver: {steps: held-out RMSE}}} for the trained and initial policy, presets, dpmpp_2m and,
-    when ComfyUI imports, every stock ComfyUI sampler (``ComfyUI <name>``, as KSampler gives it its sigmas): the
-    fair comparison is with the best of them, not only with dpmpp_2m."""
-    stock, _ = dpmpp_2m()
+    """{problem name: {solver: {steps: held-out RMSE}}} for the trained and initial policy, presets and the stock
+    samplers (``stock_comparison``: every stock ComfyUI sampler, as KSampler gives it its sigmas, when ComfyUI
+    imports): the fair comparison is with the best of them, not only with dpmpp_2m."""
     sources = {
         "trained": coefficients(state.policy, config, state.schedule),
         "initial policy": coefficients(build_policy(config), config),
@@ -37,30 +28,23 @@ def held_out_table(
     table = {}
     for name, problem in zip(names, problems, strict=True):
         rows = {label: {n: held_out_rmse(source, problem, n) for n in steps} for label, source in sources.items()}
-        rows[STOCK_REFERENCE] = {n: held_out_sampler_rmse(stock, problem, problem.bed.sigmas(n)) for n in steps}
-        if comfy_unavailable_reason() is None:
-            for sampler_name in STOCK_SAMPLERS:
-                sampler = stock_sampler(sampler_name)
-                rows[f"ComfyUI {sampler_name}"] = {
-                    n: held_out_sampler_rmse(
-                        sampler, problem, stock_sampler_sigmas(sampler_name, problem.bed.sigmas, n).float()
-                    )
-                    for n in steps
-                }
+        for label, (sampler, schedule) in stock_comparison(problem.bed.sigmas).items():
+            rows[label] = {n: held_out_sampler_rmse(sampler, problem, schedule(n).float()) for n in steps}
         table[name] = rows
     return table
 
 
 def ratios(rows: dict[str, dict[int, float]]) -> dict[int, dict[str, float]]:
-    """Trained RMSE over the best preset's, over dpmpp_2m's and over the best stock sampler's (the stock ComfyUI
-    samplers with dpmpp_2m), per step count (acceptance: <= 0.8)."""
+    """Trained RMSE over the best preset's, over dpmpp_2m's and over the best stock sampler's, per step count
+    (acceptance: <= 0.8)."""
+    _, dpmpp_2m_label = dpmpp_2m()
+    stock = [label for label in rows if is_stock_label(label)]
     result = {}
-    stock = [label for label in rows if label == STOCK_REFERENCE or label.startswith("ComfyUI ")]
     for n, trained in rows["trained"].items():
         best = min(rows[name][n] for name in PRESET_NAMES)
         result[n] = {
             "vs_best_preset": trained / best,
-            "vs_dpmpp_2m": trained / rows[STOCK_REFERENCE][n],
+            "vs_dpmpp_2m": trained / rows[dpmpp_2m_label][n],
             "vs_best_stock": trained / min(rows[label][n] for label in stock),
         }
     return result
@@ -85,7 +69,7 @@ def write_report(
         "updates": state.update,
         "model_evaluations": state.evaluations,
         "forward_model_evaluations": state.forward_evaluations,
-        "dpmpp_2m_source": dpmpp_2m()[1],
+        "dpmpp_2m": dpmpp_2m()[1],
         "held_out_rmse": table,
         "ratios": {name: ratios(rows) for name, rows in table.items()},
         "history": state.history,
