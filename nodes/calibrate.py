@@ -111,16 +111,8 @@ class ConsistencySolverCalibrate:
                         "tooltip": "How many seeded noises to calibrate on; each costs one refine run.",
                     },
                 ),
-                "cfg": (
-                    "FLOAT",
-                    {
-                        "default": 8.0,
-                        "min": 0.0,
-                        "max": 100.0,
-                        "step": 0.1,
-                        "round": 0.01,
-                        "tooltip": "As in KSampler.",
-                    },
+                "cfg": widgets.cfg_input(
+                    "Prompt strength (classifier-free guidance) of the final render, as in KSampler."
                 ),
                 "preview_steps": (
                     "STRING",

@@ -91,20 +91,6 @@ def _model_inputs() -> dict[str, tuple]:
     }
 
 
-def _cfg_input() -> tuple[str, dict[str, Any]]:
-    return (
-        "FLOAT",
-        {
-            "default": 8.0,
-            "min": 0.0,
-            "max": 100.0,
-            "step": 0.1,
-            "round": 0.01,
-            "tooltip": "Prompt strength (classifier-free guidance), as in KSampler.",
-        },
-    )
-
-
 def _scheduler_input(default: str, tooltip: str) -> tuple[list[str], dict[str, Any]]:
     return (widgets.scheduler_names(), {"default": default, "tooltip": tooltip})
 
@@ -273,7 +259,7 @@ class DiffusionPreview:
                         "(8 is a good start); another file names its own counts if it refuses one.",
                     },
                 ),
-                "cfg": _cfg_input(),
+                "cfg": widgets.cfg_input(),
                 "scheduler": _scheduler_input(
                     PREVIEW_SCHEDULER,
                     "How the noise levels are spaced over the preview steps. consistency_solver (default): the "
@@ -359,7 +345,7 @@ class DiffusionRefine:
                     },
                 ),
                 "steps": ("INT", {"default": 30, "min": 1, "max": 10000, "tooltip": "Steps of the full render."}),
-                "cfg": _cfg_input(),
+                "cfg": widgets.cfg_input(),
                 "scheduler": _scheduler_input(
                     REFINE_SCHEDULER,
                     "How the noise levels are spaced over the refine steps, whatever the preview used. Keep a stock "

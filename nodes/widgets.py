@@ -5,6 +5,8 @@ The lists are read when ComfyUI asks a node for INPUT_TYPES, so importing this m
 
 from __future__ import annotations
 
+from typing import Any
+
 from .coefficients import FOLDER_NAME
 
 CATEGORY = "sampling/consistency_solver"
@@ -31,3 +33,9 @@ def coefficient_file_names() -> list[str]:
     import folder_paths
 
     return folder_paths.get_filename_list(FOLDER_NAME)
+
+
+def cfg_input(
+    tooltip: str = "Prompt strength (classifier-free guidance), as in KSampler.",
+) -> tuple[str, dict[str, Any]]:
+    return ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01, "tooltip": tooltip})
