@@ -60,3 +60,26 @@ def test_preview_loop_counts_calls_false_accepts_and_rejects():
     full = simulate("no preview", previews, finals, preview_steps=6)
     assert (full.calls, full.good_finals) == (3 * FINAL_STEPS, 2)
     assert full.calls_per_good_final == 1.5 * FINAL_STEPS
+
+
+def test_preview_fidelity_measures_the_ink_shift_the_artist_sees():
+    from consistency_solver.training.evaluation.preview_loop import fidelity
+
+    finals = torch.linspace(-0.9, 0.9, 2 * 28 * 28).reshape(2, 1, 28, 28)
+    brighter = fidelity(finals + 0.02, finals)  # ink mass is brightness in [0, 1]: +0.02 in [-1, 1] is +0.01
+    assert brighter.rmse == pytest.approx(0.02) and brighter.ink_shift == pytest.approx(0.01)
+    # Below black is displayed as black: an error the clamp cuts off shifts no ink, however large its RMSE.
+    black = -torch.ones(2, 1, 28, 28)
+    darker = fidelity(black - 0.1, black)
+    assert darker.rmse == pytest.approx(0.1) and darker.ink_shift == 0.0
+
+
+def test_preview_loop_table_reports_each_previews_fidelity():
+    from consistency_solver.training.evaluation.preview_loop import METHODS, Fidelity, Outcome, table
+
+    totals = {method: Outcome(calls=120, good_finals=2, false_accepts=1, false_rejects=3) for method in METHODS}
+    fidelities = {method: Fidelity(rmse=0.078, ink_shift=0.0021) for method in METHODS if method != "no preview"}
+    rows = table(totals, fidelities, 16, 10, 0.9, 6, (0.35, 0.65), {"model_calls": 2970, "seconds": 27.0})
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in rows.splitlines() if line.startswith("| ")}
+    assert lines["dpmpp_2m"].endswith("| 1 | 3 | 0.078 | +0.0021 |")
+    assert lines["no preview"].endswith("| — | — | — | — |")

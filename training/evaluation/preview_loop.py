@@ -18,7 +18,9 @@ artist:
 
 A request ends at the first final that passes; then the next request starts at the next seed. Reported per
 method: mean model calls per accepted final, accepted finals, false accepts (the preview passed, its final
-failed) and false rejects (the preview failed although its final would have passed). A model call is one
+failed) and false rejects (the preview failed although its final would have passed), and how faithful each
+method's previews are on these seeds: their RMSE to the finals and the mean shift of their ink mass from the
+finals' (the band is narrow, so a shift of a few thousandths moves borderline seeds across it). A model call is one
 guided denoiser evaluation (conditional and unconditional batched, as ComfyUI does). The calibration is done
 once, before the loop (``--calibrate-budget`` model calls on training seeds, the reference runs included); its
 cost is reported beside the table, not spread over the requests.
@@ -40,6 +42,7 @@ from ..testbeds import FASHION_BED, get_testbed, run_sigmas
 from .calibrated import calibrate_bed, calibration_noises
 from .demo import coefficient_file
 from .evaluator import sample_previews, solver_sampler
+from .metrics import consistency_rmse
 from .references import held_out_seeds, multistep_run, seeded_batch
 from .stock_samplers import sample_dpmpp_2m
 
@@ -91,6 +94,20 @@ def ink_mass(images: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
+class Fidelity:
+    """A method's previews against their finals on the same seeds: RMSE, and the mean ink-mass shift (preview
+    minus final), the statistic the artist's band judges."""
+
+    rmse: float
+    ink_shift: float
+
+
+def fidelity(previews: Tensor, finals: Tensor) -> Fidelity:
+    shift = (ink_mass(previews) - ink_mass(finals)).mean()
+    return Fidelity(consistency_rmse(previews.cpu(), finals.cpu()), float(shift))
+
+
+@dataclass(frozen=True)
 class Artist:
     """The selective judge: the wanted class at ``threshold`` confidence, ink mass inside a band per class."""
 
@@ -125,7 +142,7 @@ def run(
     preview_steps: int,
     band: tuple[float, float],
     budget: int,
-) -> tuple[dict[float, dict[str, Outcome]], dict]:
+) -> tuple[dict[float, dict[str, Outcome]], dict[str, Fidelity], dict]:
     """Calibrate once, sample every preview and final once, then simulate the loop for each threshold."""
     from ..testbeds.fashion import load_classifier
 
@@ -161,7 +178,8 @@ def run(
     for threshold in thresholds:
         artist = Artist.fitted(classifier, threshold, finals, labels, band)
         results[threshold] = simulate_requests(artist, previews, finals, labels, len(classes), preview_steps)
-    return results, {"model_calls": calibration.model_calls, "seconds": calibration.seconds}
+    fidelities = {name: fidelity(images, finals) for name, images in previews.items()}
+    return results, fidelities, {"model_calls": calibration.model_calls, "seconds": calibration.seconds}
 
 
 def simulate_requests(
@@ -191,7 +209,14 @@ def simulate_requests(
 
 
 def table(
-    totals: dict[str, Outcome], seeds: int, classes: int, threshold: float, preview_steps: int, band, calibration
+    totals: dict[str, Outcome],
+    fidelities: dict[str, Fidelity],
+    seeds: int,
+    classes: int,
+    threshold: float,
+    preview_steps: int,
+    band,
+    calibration,
 ) -> str:
     baseline = totals["no preview"].calls_per_good_final
     lines = [
@@ -201,15 +226,19 @@ def table(
         f"finals. Calibration (once): {calibration['model_calls']} model calls, {calibration['seconds']:.0f} s.",
         "",
         "| preview method | model calls per accepted final | vs no preview | accepted finals | false accepts | "
-        "false rejects |",
-        "|---|---|---|---|---|---|",
+        "false rejects | preview RMSE to final | ink-mass shift |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for method, outcome in totals.items():
         relative = outcome.calls_per_good_final / baseline - 1
-        errors = ("—", "—") if method == "no preview" else (outcome.false_accepts, outcome.false_rejects)
+        if method == "no preview":
+            errors, faithful = ("—", "—"), ("—", "—")
+        else:
+            errors = (outcome.false_accepts, outcome.false_rejects)
+            faithful = (f"{fidelities[method].rmse:.3f}", f"{fidelities[method].ink_shift:+.4f}")
         lines.append(
             f"| {method} | {outcome.calls_per_good_final:.1f} | {100 * relative:+.0f}% | {outcome.good_finals} | "
-            f"{errors[0]} | {errors[1]} |"
+            f"{errors[0]} | {errors[1]} | {faithful[0]} | {faithful[1]} |"
         )
     return "\n".join(lines)
 
@@ -231,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)  # shared cores: one thread avoids contention
     band = tuple(args.ink_band)
     try:
-        results, calibration = run(
+        results, fidelities, calibration = run(
             args.coefficients,
             args.classes,
             args.seeds,
@@ -243,7 +272,10 @@ def main(argv: list[str] | None = None) -> None:
     except FileNotFoundError as error:
         raise SystemExit(f"error: {error}") from error
     for threshold, totals in results.items():
-        print(table(totals, args.seeds, len(args.classes), threshold, args.preview_steps, band, calibration) + "\n")
+        print(
+            table(totals, fidelities, args.seeds, len(args.classes), threshold, args.preview_steps, band, calibration)
+            + "\n"
+        )
 
 
 if __name__ == "__main__":
