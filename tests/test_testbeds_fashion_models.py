@@ -1,5 +1,5 @@
-"""The flow (CONST, shift 3) Fashion-MNIST bed and the V-prediction UNet: ComfyUI's conventions, training targets,
-shipped weights, sample quality."""
+"""The flow (CONST, shift 3) and V-prediction Fashion-MNIST beds: ComfyUI's conventions, training targets, shipped
+weights, sample quality."""
 
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ from consistency_solver.solver.schedules import flow_sigmas
 from consistency_solver.training.evaluation import stock_samplers
 from consistency_solver.training.evaluation.references import held_out_seeds, reference_finals, seeded_batch
 from consistency_solver.training.testbeds import FASHION_BEDS, TESTBED_NAMES, get_testbed
-from consistency_solver.training.testbeds.base import FLOW_SHIFT, FLOW_SIGMA_MIN
+from consistency_solver.training.testbeds.base import EPS_SIGMA_MAX, EPS_SIGMA_MIN, FLOW_SHIFT, FLOW_SIGMA_MIN
 from consistency_solver.training.testbeds.fashion import (
     DATA_DIR,
     FASHION_MODELS,
     FLOW_UNET_WEIGHTS,
+    V_UNET_WEIGHTS,
     VP_SCHEDULE,
     FashionTestBed,
     FashionUNet,
@@ -33,8 +34,11 @@ from consistency_solver.training.testbeds.train_networks import UNET_LOSSES
 from consistency_solver.training.testbeds.train_networks import main as train_networks_main
 
 # sha256 of the shipped weights: retraining changes them, and then every cached reference and measured table.
-SHIPPED_SHA256 = {FLOW_UNET_WEIGHTS.name: "811e3be7b1e4fb94513c7ad2ac84a1f51f8191e4d79fbcced7fbe270fabe5838"}
-NEW_BEDS = ("fashion-flow-cfg",)
+SHIPPED_SHA256 = {
+    FLOW_UNET_WEIGHTS.name: "811e3be7b1e4fb94513c7ad2ac84a1f51f8191e4d79fbcced7fbe270fabe5838",
+    V_UNET_WEIGHTS.name: "cacb6ecbb65ea70bb1224269f73225d3142bfa9f59a066e585fa23d8ec6e4e32",
+}
+NEW_BEDS = ("fashion-flow-cfg", "fashion-v-cfg")
 
 needs_data = pytest.mark.skipif(
     not (DATA_DIR / "t10k-images-idx3-ubyte.gz").exists(),
@@ -76,6 +80,7 @@ def test_beds_are_registered_with_their_families_and_kinds():
     assert set(NEW_BEDS) <= set(FASHION_BEDS) <= set(TESTBED_NAMES)
     assert [(FASHION_MODELS[name].model_family, FASHION_MODELS[name].parameterisation) for name in NEW_BEDS] == [
         ("fashion-flow", "flow"),
+        ("fashion-v-eps", "v"),
     ]
     with pytest.raises(UnknownChoice, match="fashion-x-cfg"):
         FashionTestBed("fashion-x-cfg")
@@ -89,6 +94,13 @@ def test_flow_bed_samples_from_one_on_the_shift_3_schedule(beds):
     assert torch.allclose(sigmas, 3 * t / (1 + 2 * t)) and sigmas[0] == 1
     assert torch.equal(sigmas, flow_sigmas(5, FLOW_SHIFT))
     assert bed.sigma_min == pytest.approx(float(flow_sigma(torch.tensor(1e-3, dtype=torch.float64))))
+
+
+def test_v_bed_uses_the_eps_space_and_sd15_range(beds):
+    bed = beds["fashion-v-cfg"]
+    assert (bed.kind, bed.guidance) == ("eps", 3.0)
+    sigmas = bed.sigmas(8)
+    assert sigmas[0].item() == pytest.approx(EPS_SIGMA_MAX) and sigmas[-2].item() == pytest.approx(EPS_SIGMA_MIN)
 
 
 @pytest.mark.parametrize("parameterisation", ["flow", "v"])
@@ -167,7 +179,7 @@ def test_v_unet_matches_comfyui_v_prediction_on_the_discrete_schedule(comfy_mode
     assert torch.allclose(sampling.calculate_denoised(sigma, output, x), net(x, sigma, labels), atol=1e-5)
 
 
-@pytest.mark.parametrize("path", [FLOW_UNET_WEIGHTS], ids=lambda path: path.stem)
+@pytest.mark.parametrize("path", [FLOW_UNET_WEIGHTS, V_UNET_WEIGHTS], ids=lambda path: path.stem)
 def test_shipped_weights_are_the_recorded_fp16_files(path):
     assert hashlib.sha256(path.read_bytes()).hexdigest() == SHIPPED_SHA256[path.name]
     with safe_open(str(path), "pt") as f:

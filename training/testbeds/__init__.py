@@ -9,9 +9,9 @@ from .base import TestBed, run_sigmas
 from .gmm import GMM_BEDS, GMMTestBed, gmm_testbed
 
 FASHION_BED = "fashion-eps-cfg"
-# The same UNet architecture trained in ComfyUI's EPS (EDM-preconditioned) and CONST (flow, shift 3)
+# The same UNet architecture trained in ComfyUI's EPS (EDM-preconditioned), CONST (flow, shift 3) and V_PREDICTION
 # parameterisations: learned beds that differ in parameterisation only.
-FASHION_BEDS = (FASHION_BED, "fashion-flow-cfg")
+FASHION_BEDS = (FASHION_BED, "fashion-flow-cfg", "fashion-v-cfg")
 TESTBED_NAMES = (*GMM_BEDS, *FASHION_BEDS)
 # The coefficient files trained on each bed: read by the benchmark and tests, kept out of solver/bundled/ so that
 # ComfyUI's coefficient lists offer artists only the defaults.

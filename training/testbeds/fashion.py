@@ -10,7 +10,7 @@ model space, so every sampler of the pack runs on all of them unchanged:
 - ``flow`` (bed ``fashion-flow-cfg``): ComfyUI CONST (rectified flow, as SD3), x = (1 - sigma) * x0 + sigma * eps,
   the network predicts the velocity eps - x0 from the timestep 1000 * sigma, and the schedule is
   ``ModelSamplingDiscreteFlow`` with shift 3.
-- ``v``: ComfyUI V_PREDICTION (as SD2-768) on SD1.x's discrete 1000-step schedule: the
+- ``v`` (bed ``fashion-v-cfg``): ComfyUI V_PREDICTION (as SD2-768) on SD1.x's discrete 1000-step schedule: the
   network sees x / sqrt(sigma^2 + 1) and the nearest discrete timestep, and predicts v.
 
 The classifier gives the label-agreement and Frechet metrics.
@@ -39,6 +39,7 @@ DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 UNET_WEIGHTS = WEIGHTS_DIR / "fashion_unet.safetensors"
 FLOW_UNET_WEIGHTS = WEIGHTS_DIR / "fashion_flow_unet.safetensors"
+V_UNET_WEIGHTS = WEIGHTS_DIR / "fashion_v_unet.safetensors"
 CLASSIFIER_WEIGHTS = WEIGHTS_DIR / "fashion_classifier.safetensors"
 CLASS_NAMES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 NUM_CLASSES = 10
@@ -303,6 +304,8 @@ class FashionModel:
 FASHION_MODELS = {
     "fashion-eps-cfg": FashionModel("fashion-eps", "edm", UNET_WEIGHTS),
     "fashion-flow-cfg": FashionModel("fashion-flow", "flow", FLOW_UNET_WEIGHTS),
+    # V-prediction samples in ComfyUI's EPS space (k-diffusion VE form), so its family is of the eps kind.
+    "fashion-v-cfg": FashionModel("fashion-v-eps", "v", V_UNET_WEIGHTS),
 }
 
 
