@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from consistency_solver.training.evaluation.fashion_quality import evaluate
 from consistency_solver.training.evaluation.references import held_out_seeds, reference_finals, seeded_batch
-from consistency_solver.training.testbeds import get_testbed
+from consistency_solver.training.testbeds import FASHION_BEDS, get_testbed
 from consistency_solver.training.testbeds.fashion import (
     CLASSIFIER_WEIGHTS,
     DATA_DIR,
@@ -128,7 +128,9 @@ def test_classifier_is_accurate_on_real_test_images(classifier, test_split):
     assert features.shape == (8, 64)
 
 
-def test_twenty_step_samples_show_their_class(bed, classifier):
+@pytest.mark.parametrize("name", FASHION_BEDS)
+def test_twenty_step_samples_show_their_class(name, classifier):
+    bed = get_testbed(name)
     noise, labels = seeded_batch(bed, held_out_seeds(64))
     samples = reference_finals(bed, noise, labels, method="multistep", steps=20)
     assert torch.isfinite(samples).all()

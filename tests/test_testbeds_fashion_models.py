@@ -1,5 +1,5 @@
 """The flow (CONST, shift 3) and V-prediction Fashion-MNIST beds: ComfyUI's conventions, training targets, shipped
-weights, sample quality."""
+weights (sample quality: test_testbeds_fashion)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from safetensors import safe_open
 from consistency_solver.solver import UnknownChoice
 from consistency_solver.solver.schedules import flow_sigmas
 from consistency_solver.training.evaluation import stock_samplers
-from consistency_solver.training.evaluation.references import held_out_seeds, reference_finals, seeded_batch
 from consistency_solver.training.testbeds import FASHION_BEDS, TESTBED_NAMES, get_testbed
 from consistency_solver.training.testbeds.base import EPS_SIGMA_MAX, EPS_SIGMA_MIN, FLOW_SHIFT, FLOW_SIGMA_MIN
 from consistency_solver.training.testbeds.fashion import (
@@ -26,7 +25,6 @@ from consistency_solver.training.testbeds.fashion import (
     FashionTestBed,
     FashionUNet,
     flow_sigma,
-    load_classifier,
     load_unet,
     timestep_feature,
 )
@@ -193,16 +191,6 @@ def test_shipped_weights_are_the_recorded_fp16_files(path):
 def test_a_unet_of_another_parameterisation_is_refused():
     with pytest.raises(ValueError, match="parameterisation='flow'"):
         load_unet(FLOW_UNET_WEIGHTS, parameterisation="v")
-
-
-@pytest.mark.parametrize("name", NEW_BEDS)
-def test_twenty_step_samples_show_their_class(beds, name):
-    bed = beds[name]
-    noise, labels = seeded_batch(bed, held_out_seeds(32))
-    samples = reference_finals(bed, noise, labels, method="multistep", steps=20)
-    with torch.no_grad():
-        accuracy = (load_classifier()(samples.clamp(-1, 1)).argmax(1) == labels).float().mean().item()
-    assert accuracy > 0.5  # chance is 0.1
 
 
 @needs_data
