@@ -118,17 +118,20 @@ def test_every_example_opens_from_the_template_browser(page):
         shoot(page, f"1-example {name}")
 
 
-def search(page, text, expected):
+def search(page, text, expected, attempts=3):
     """Double-click the empty canvas, type into the node search; returns the result lines once ``expected`` (a
-    display name) is among them, or after 10 s."""
-    page.page.keyboard.press("Escape")
-    page.page.mouse.dblclick(800, 520)
-    page.page.keyboard.type(text)
+    display name) is among them, or after ``attempts`` tries of 10 s (on a busy machine a double-click can land
+    before the canvas takes it, and then no search box opens)."""
     options = page.page.locator("li[role=option]")
-    try:
-        options.filter(has_text=expected).first.wait_for(timeout=10_000)
-    except PlaywrightTimeout:
-        pass
+    for _ in range(attempts):
+        page.page.keyboard.press("Escape")
+        page.page.mouse.dblclick(800, 520)
+        page.page.keyboard.type(text)
+        try:
+            options.filter(has_text=expected).first.wait_for(timeout=10_000)
+            break
+        except PlaywrightTimeout:
+            continue
     page.page.wait_for_timeout(300)
     return [line.strip() for line in options.all_inner_texts()]
 
@@ -170,7 +173,9 @@ def show_at_scale_one(page):
 def add_from_search(page, query, title):
     """Adds the node whose search result starts with ``title`` at the middle of the canvas; returns its id."""
     results = search(page, query, title)
-    position = next(i for i, line in enumerate(results) if line.startswith(title))
+    positions = [i for i, line in enumerate(results) if line.startswith(title)]
+    assert positions, f"no search result for {query!r} starts with {title!r}: {results}"
+    position = positions[0]
     for _ in range(position):
         page.page.keyboard.press("ArrowDown")
     page.page.keyboard.press("Enter")
