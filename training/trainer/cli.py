@@ -637,6 +637,8 @@ def main(argv: list[str] | None = None) -> None:
                 {"output": str(paths.output), "report": str(paths.report_dir), "ratios": report["ratios"]}, indent=2
             )
         )
+    # Every rank leaves together: a rank that tears its gloo group down while the leader still writes can abort.
+    distributed.barrier()
     distributed.finalise()
 
 
