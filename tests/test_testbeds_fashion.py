@@ -19,8 +19,8 @@ from consistency_solver.training.testbeds.fashion import (
     UNET_WEIGHTS,
     FashionTestBed,
     load_classifier,
+    load_denoiser,
     load_fashion_mnist,
-    load_unet,
 )
 from consistency_solver.training.testbeds.train_networks import main as train_networks_main
 
@@ -101,7 +101,7 @@ def test_guidance_combines_conditional_and_unconditional_predictions(bed):
     generator = torch.Generator().manual_seed(1)
     x, labels = 2.0 * bed.noise(6, generator), bed.sample_labels(6, generator)
     sigma = torch.full((6,), 2.0)
-    conditional, unconditional = bed.unet(x, sigma, labels), bed.unet(x, sigma, None)
+    conditional, unconditional = bed.network(x, sigma, labels), bed.network(x, sigma, None)
     assert not torch.allclose(conditional, unconditional, atol=1e-3), "the class label must matter"
     assert torch.allclose(FashionTestBed(guidance=1.0).denoise(x, sigma, labels), conditional, atol=1e-5)
     expected = unconditional + 3.0 * (conditional - unconditional)
@@ -114,7 +114,7 @@ def test_denoiser_at_tiny_sigma_returns_nearly_its_input(bed, test_split):
     images = test_split[0][:16]
     sigma = torch.full((16,), 1e-3)
     noisy = images + sigma.reshape(-1, 1, 1, 1) * torch.randn(images.shape, generator=torch.Generator().manual_seed(2))
-    denoised = bed.unet(noisy, sigma, test_split[1][:16])
+    denoised = bed.network(noisy, sigma, test_split[1][:16])
     assert (denoised - noisy).abs().max() < 1e-2
 
 
@@ -135,7 +135,7 @@ def test_twenty_step_samples_show_their_class(name, classifier):
     samples = reference_finals(bed, noise, labels, method="multistep", steps=20)
     assert torch.isfinite(samples).all()
     with torch.no_grad():
-        accuracy = (classifier(samples.clamp(-1, 1)).argmax(1) == labels).float().mean().item()
+        accuracy = (classifier(bed.decode(samples).clamp(-1, 1)).argmax(1) == labels).float().mean().item()
     assert accuracy > 0.5  # chance is 0.1
 
 
@@ -147,7 +147,7 @@ def test_training_cli_writes_loadable_fp16_weights_with_metadata(tmp_path):
         metadata = f.metadata()
         assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys())
     assert metadata["seed"] == "3" and metadata["steps"] == "2" and int(metadata["params"]) > 10**6
-    load_unet(out)
+    load_denoiser(out)
 
 
 @needs_data

@@ -92,7 +92,8 @@ class Quality:
 
     GMM beds: sliced W2 to true samples with the same labels, and the mode-histogram TV (both exact, no data).
     Fashion: the classifier's agreement with the label, and the Frechet distance in the classifier's features
-    to class-matched real test images (``FASHION_REAL_PER_SAMPLE`` per sample), when the Debian data is installed.
+    to class-matched real test images (``FASHION_REAL_PER_SAMPLE`` per sample), when the Debian data is installed;
+    samples of a latent bed are decoded to images first.
     """
 
     def __init__(self, bed: TestBed, labels: Tensor | None, count: int):
@@ -118,15 +119,20 @@ class Quality:
         reference, held_back = matched_real_images(images, test_labels, labels, FASHION_REAL_PER_SAMPLE)
         with torch.no_grad():
             self.real_features = self.classifier.features(reference)
-        self.floors["real test images (sampling floor)"] = self(held_back)
+        self.floors["real test images (sampling floor)"] = self.score_images(held_back)
 
     def __call__(self, samples: Tensor) -> tuple[float, float | None]:
+        """The two numbers for samples in the bed's model space."""
         if self.targets is not None:
             return (
                 sliced_wasserstein(samples, self.targets, torch.Generator().manual_seed(1)),
                 mode_tv(samples, self.bed, self.labels),
             )
-        images = samples.float().clamp(-1, 1)
+        return self.score_images(self.bed.decode(samples.float()))
+
+    def score_images(self, images: Tensor) -> tuple[float, float | None]:
+        """Fashion's two numbers for [N, 1, 28, 28] images."""
+        images = images.float().clamp(-1, 1)
         with torch.no_grad():
             agreement = label_agreement(self.classifier(images), self.labels)
             if self.real_features is None:

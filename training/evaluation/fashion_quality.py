@@ -1,4 +1,5 @@
-"""How good a shipped Fashion-MNIST test bed is: its UNet's samples scored by the shipped classifier.
+"""How good a shipped Fashion-MNIST test bed is: its network's samples (decoded, for a latent bed) scored by the
+shipped classifier.
 
     python -m consistency_solver.training.evaluation.fashion_quality --samples 500 --grid outputs/fashion_samples.png
     python -m consistency_solver.training.evaluation.fashion_quality --bed fashion-flow-cfg --samples 500
@@ -25,7 +26,7 @@ from .references import held_out_seeds, reference_finals, seeded_batch
 
 @torch.no_grad()
 def evaluate(
-    unet: Path | None,
+    weights: Path | None,
     classifier: Path,
     samples: int,
     sample_steps: int,
@@ -33,9 +34,9 @@ def evaluate(
     grid: Path | None,
     bed_name: str = FASHION_BED,
 ) -> dict[str, float | str]:
-    """Class-conditional samples of bed ``bed_name`` (with the UNet weights ``unet``, or the bed's shipped ones
+    """Class-conditional samples of bed ``bed_name`` (with the network weights ``weights``, or the bed's shipped ones
     when None) scored by the classifier against the real test set."""
-    bed = FashionTestBed(bed_name, guidance=guidance, weights=unet)
+    bed = FashionTestBed(bed_name, guidance=guidance, weights=weights)
     scorer = load_classifier(classifier)
     noise, labels = seeded_batch(bed, held_out_seeds(samples))
     generated = torch.cat(
@@ -46,7 +47,7 @@ def evaluate(
     )
     test_images, test_labels = load_fashion_mnist("test")
     real, other_real = test_images[:samples], test_images[5000 : 5000 + samples]
-    clipped = generated.clamp(-1, 1)
+    clipped = bed.decode(generated).clamp(-1, 1)
     results = {
         "bed": bed_name,
         "samples": samples,
@@ -76,7 +77,7 @@ def save_grid(images: Tensor, path: Path, columns: int = 20) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bed", choices=FASHION_BEDS, default=FASHION_BED)
-    parser.add_argument("--unet", type=Path, default=None, help="UNet weights (default: the bed's shipped ones)")
+    parser.add_argument("--weights", type=Path, default=None, help="network weights (default: the bed's shipped ones)")
     parser.add_argument("--classifier", type=Path, default=CLASSIFIER_WEIGHTS)
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--sample-steps", type=int, default=100, help="steps of the ab4 multistep reference")
@@ -85,7 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = evaluate(args.unet, args.classifier, args.samples, args.sample_steps, args.guidance, args.grid, args.bed)
+    results = evaluate(
+        args.weights, args.classifier, args.samples, args.sample_steps, args.guidance, args.grid, args.bed
+    )
     print(json.dumps(results))
 
 

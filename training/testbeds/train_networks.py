@@ -1,5 +1,5 @@
-r"""Train a Fashion-MNIST test bed's UNet (in one of three parameterisations) or the classifier from a seed and
-save fp16 EMA weights.
+r"""Train a Fashion-MNIST test bed's denoiser (a UNet or a DiT, in one of four parameterisations, on images or on the
+fixed latent) or the classifier from a seed and save fp16 EMA weights.
 
     python -m consistency_solver.training.testbeds.train_networks unet --seed 0 --minutes 72 \
         --out training/testbeds/weights/fashion_unet.safetensors
@@ -7,6 +7,10 @@ save fp16 EMA weights.
         --steps STEPS --out training/testbeds/weights/fashion_flow_unet.safetensors
     python -m consistency_solver.training.testbeds.train_networks unet --parameterisation v --seed 0 \
         --steps STEPS --out training/testbeds/weights/fashion_v_unet.safetensors
+    python -m consistency_solver.training.testbeds.train_networks unet --latent --parameterisation eps --seed 0 \
+        --steps STEPS --out training/testbeds/weights/fashion_latent_eps_unet.safetensors
+    python -m consistency_solver.training.testbeds.train_networks dit --latent --parameterisation flow --seed 0 \
+        --steps STEPS --out training/testbeds/weights/fashion_dit_flow.safetensors
     python -m consistency_solver.training.testbeds.train_networks classifier --seed 0 \
         --out training/testbeds/weights/fashion_classifier.safetensors
 
@@ -36,9 +40,12 @@ from .fashion import (
     SIGMA_DATA,
     VP_SCHEDULE,
     FashionClassifier,
-    FashionUNet,
+    FashionDenoiser,
+    build_denoiser,
     count_parameters,
+    denoiser_description,
     edm_scalings,
+    encode_latent,
     flow_sigma,
     load_fashion_mnist,
     timestep_feature,
@@ -60,13 +67,13 @@ def sample_training_sigmas(count: int, generator: torch.Generator) -> Tensor:
     return torch.where(use_uniform, log_uniform, log_normal).exp()
 
 
-def _dropped_labels(net: FashionUNet, labels: Tensor, generator: torch.Generator) -> Tensor:
+def _dropped_labels(net: FashionDenoiser, labels: Tensor, generator: torch.Generator) -> Tensor:
     """Labels with a ``LABEL_DROPOUT`` share replaced by the null class, for classifier-free guidance."""
     dropped = torch.rand(labels.shape, generator=generator) < LABEL_DROPOUT
     return torch.where(dropped, net.null_labels(labels.shape[0]), labels)
 
 
-def edm_loss(net: FashionUNet, images: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
+def edm_loss(net: FashionDenoiser, images: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
     """Karras et al. (2022) loss: lambda(sigma) |D(x0 + sigma eps) - x0|^2, i.e. the raw network's target MSE."""
     sigma = sample_training_sigmas(images.shape[0], generator)
     noisy = images + sigma.reshape(-1, 1, 1, 1) * torch.randn(images.shape, generator=generator)
@@ -76,7 +83,7 @@ def edm_loss(net: FashionUNet, images: Tensor, labels: Tensor, generator: torch.
     return F.mse_loss(net.raw(c_in * noisy, c_noise.reshape(-1), labels).float(), target)
 
 
-def flow_loss(net: FashionUNet, images: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
+def flow_loss(net: FashionDenoiser, images: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
     """Rectified-flow loss |v(x_t, 1000 sigma) - (eps - x0)|^2 for x_t = (1 - sigma) x0 + sigma eps.
 
     Times are SD3's logit-normal density (plus a uniform share, for the ends) mapped through the sampling shift,
@@ -94,19 +101,31 @@ def flow_loss(net: FashionUNet, images: Tensor, labels: Tensor, generator: torch
     return F.mse_loss(velocity.float(), noise - images)
 
 
-def v_loss(net: FashionUNet, images: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
-    """V-prediction loss (Salimans & Ho, 2022) on the discrete VP schedule: uniform timesteps t, x_t = alpha x0 +
-    s eps with alpha = 1 / sqrt(1 + sigma_t^2), s = sigma_t alpha, target v = alpha eps - s x0."""
+def _discrete_noising(images: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """SD1.x's training noise: uniform discrete timesteps t, x_t = alpha x0 + s eps with alpha = 1 / sqrt(1 +
+    sigma_t^2), s = sigma_t alpha. Returns t, sigma_t and alpha (as columns), eps and x_t."""
     timestep = torch.randint(len(VP_SCHEDULE.sigmas), (images.shape[0],), generator=generator)
     sigma = VP_SCHEDULE.sigmas[timestep].float().reshape(-1, 1, 1, 1)
     alpha = (sigma**2 + 1).rsqrt()
     noise = torch.randn(images.shape, generator=generator)
-    noisy = alpha * images + sigma * alpha * noise
+    return timestep, sigma, alpha, noise, alpha * images + sigma * alpha * noise
+
+
+def v_loss(net: FashionDenoiser, images: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
+    """V-prediction loss (Salimans & Ho, 2022) on the discrete VP schedule: target v = alpha eps - s x0."""
+    timestep, sigma, alpha, noise, noisy = _discrete_noising(images, generator)
     velocity = net.raw(noisy, timestep_feature(timestep.float()), _dropped_labels(net, labels, generator))
     return F.mse_loss(velocity.float(), alpha * noise - sigma * alpha * images)
 
 
-UNET_LOSSES = {"edm": edm_loss, "flow": flow_loss, "v": v_loss}
+def eps_loss(net: FashionDenoiser, images: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
+    """Epsilon-prediction loss (Ho et al., 2020) on the discrete VP schedule, as SD1.x was trained: target eps."""
+    timestep, _, _, noise, noisy = _discrete_noising(images, generator)
+    prediction = net.raw(noisy, timestep_feature(timestep.float()), _dropped_labels(net, labels, generator))
+    return F.mse_loss(prediction.float(), noise)
+
+
+DENOISER_LOSSES = {"edm": edm_loss, "flow": flow_loss, "v": v_loss, "eps": eps_loss}
 
 
 def classifier_loss(net: FashionClassifier, images: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
@@ -145,10 +164,13 @@ def train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     images, labels = load_fashion_mnist("train")
-    if args.what == "unet":
-        net: nn.Module = FashionUNet(parameterisation=args.parameterisation)
-        loss_fn, lr, batch_size = UNET_LOSSES[args.parameterisation], args.lr or 6e-4, args.batch_size or 64
+    denoiser = args.what != "classifier"
+    if denoiser:
+        net: nn.Module = build_denoiser(args.what, args.parameterisation, args.latent)
+        loss_fn, lr, batch_size = DENOISER_LOSSES[args.parameterisation], args.lr or 6e-4, args.batch_size or 64
         ema_decay = 0.999
+        if args.latent:
+            images = encode_latent(images)
     else:
         net = FashionClassifier()
         loss_fn, lr, batch_size, ema_decay = classifier_loss, args.lr or 2e-3, args.batch_size or 128, 0.99
@@ -157,7 +179,7 @@ def train(args: argparse.Namespace) -> None:
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
     metadata: dict[str, object] = {
         "model": args.what,
-        **({"parameterisation": args.parameterisation} if args.what == "unet" else {}),
+        **(denoiser_description(args.what, args.parameterisation, args.latent) if denoiser else {}),
         "seed": args.seed,
         "params": count_parameters(net),
         "batch_size": batch_size,
@@ -206,19 +228,23 @@ def train(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["unet", "classifier"])
+    parser.add_argument("what", choices=["unet", "dit", "classifier"])
     parser.add_argument(
         "--parameterisation",
         choices=PARAMETERISATIONS,
         default="edm",
-        help="unet only: edm (ComfyUI EPS, fashion-eps-cfg), flow (CONST, shift 3) or v (V_PREDICTION)",
+        help="denoisers only: edm (ComfyUI EPS, EDM-preconditioned), flow (CONST, shift 3), v (V_PREDICTION) or eps "
+        "(EPS on SD1.x's discrete schedule)",
+    )
+    parser.add_argument(
+        "--latent", action="store_true", help="denoisers only: train on the fixed 4x14x14 latent (the DiT needs it)"
     )
     parser.add_argument("--out", type=Path, help="output .safetensors (fp16 EMA weights)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--minutes", type=float, default=75.0, help="wall-clock budget")
-    parser.add_argument("--steps", type=int, default=None, help="step budget (default: unet none, classifier 3000)")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: unet 64, classifier 128")
-    parser.add_argument("--lr", type=float, default=None, help="Adam lr (default: unet 6e-4, classifier 2e-3)")
+    parser.add_argument("--steps", type=int, default=None, help="step budget (default: classifier 3000)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: denoisers 64, classifier 128")
+    parser.add_argument("--lr", type=float, default=None, help="Adam lr (default: denoisers 6e-4, classifier 2e-3)")
     parser.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast dtype for training")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
@@ -226,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.out is None:
         parser.error(f"{args.what} needs --out PATH.safetensors")
+    if args.what == "dit" and not args.latent:
+        parser.error("the DiT works on the 4x14x14 latent only: add --latent")
     train(args)
 
 
