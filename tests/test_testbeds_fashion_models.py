@@ -20,7 +20,6 @@ from consistency_solver.training.testbeds import FASHION_BEDS, TESTBED_NAMES, ge
 from consistency_solver.training.testbeds.base import EPS_SIGMA_MAX, EPS_SIGMA_MIN, FLOW_SHIFT, FLOW_SIGMA_MIN
 from consistency_solver.training.testbeds.fashion import (
     DATA_DIR,
-    DIT_FLOW_WEIGHTS,
     FASHION_MODELS,
     FLOW_UNET_WEIGHTS,
     LATENT_EPS_UNET_WEIGHTS,
@@ -32,6 +31,7 @@ from consistency_solver.training.testbeds.fashion import (
     build_denoiser,
     count_parameters,
     decode_latent,
+    denoiser_description,
     encode_latent,
     flow_sigma,
     latent_mix,
@@ -39,16 +39,23 @@ from consistency_solver.training.testbeds.fashion import (
     load_fashion_mnist,
     timestep_feature,
 )
-from consistency_solver.training.testbeds.train_networks import DENOISER_LOSSES
+from consistency_solver.training.testbeds.train_networks import DENOISER_LOSSES, save_weights
 from consistency_solver.training.testbeds.train_networks import main as train_networks_main
 
 # sha256 of the shipped weights: retraining changes them, and then every cached reference and measured table.
 SHIPPED_SHA256 = {
     FLOW_UNET_WEIGHTS.name: "811e3be7b1e4fb94513c7ad2ac84a1f51f8191e4d79fbcced7fbe270fabe5838",
     V_UNET_WEIGHTS.name: "cacb6ecbb65ea70bb1224269f73225d3142bfa9f59a066e585fa23d8ec6e4e32",
+    LATENT_EPS_UNET_WEIGHTS.name: "7b34507d4bc4b904aeb0429f4623caeb529ab12c0c38af7d01b8a191075d614f",
 }
 NEW_BEDS = ("fashion-flow-cfg", "fashion-v-cfg")
-LATENT_BEDS = ("fashion-latent-eps-cfg", "fashion-dit-flow-cfg")
+# The beds of this file: (model family, architecture, parameterisation, latent).
+DESCRIBED_BEDS = {
+    "fashion-flow-cfg": ("fashion-flow", "unet", "flow", False),
+    "fashion-v-cfg": ("fashion-v-eps", "unet", "v", False),
+    "fashion-latent-eps-cfg": ("fashion-latent-eps", "unet", "eps", True),
+}
+LATENT_BEDS = [name for name, (*_, latent) in DESCRIBED_BEDS.items() if latent]
 # (architecture, parameterisation, latent) of every bed network tested here.
 NETWORKS = [("unet", "flow", False), ("unet", "v", False), ("unet", "eps", True), ("dit", "flow", True)]
 NETWORK_IDS = ["flow", "v", "latent-eps", "dit-flow"]
@@ -101,17 +108,10 @@ def network_batch(latent: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_beds_are_registered_with_their_families_and_kinds():
-    assert set(NEW_BEDS + LATENT_BEDS) <= set(FASHION_BEDS) <= set(TESTBED_NAMES)
-    described = [
-        (model.model_family, model.architecture, model.parameterisation, model.latent)
-        for model in (FASHION_MODELS[name] for name in NEW_BEDS + LATENT_BEDS)
-    ]
-    assert described == [
-        ("fashion-flow", "unet", "flow", False),
-        ("fashion-v-eps", "unet", "v", False),
-        ("fashion-latent-eps", "unet", "eps", True),
-        ("fashion-dit-flow", "dit", "flow", True),
-    ]
+    assert set(DESCRIBED_BEDS) <= set(FASHION_BEDS) <= set(TESTBED_NAMES)
+    for name, description in DESCRIBED_BEDS.items():
+        model = FASHION_MODELS[name]
+        assert (model.model_family, model.architecture, model.parameterisation, model.latent) == description
     with pytest.raises(UnknownChoice, match="fashion-x-cfg"):
         FashionTestBed("fashion-x-cfg")
 
@@ -136,16 +136,22 @@ def test_the_latent_of_the_data_has_unit_std_and_non_zero_channel_means():
     assert (latents.mean(dim=(0, 2, 3)).abs() > 0.3).all()
 
 
-def test_latent_beds_sample_the_latent_and_decode_it():
-    for name, kind in zip(LATENT_BEDS, ("eps", "flow"), strict=True):
-        bed = get_testbed(name)
-        assert (bed.kind, bed.guidance, bed.shape) == (kind, 3.0, LATENT_SHAPE)
-        latents = bed.noise(2, torch.Generator().manual_seed(0))
-        assert torch.equal(bed.decode(latents), decode_latent(latents))
-    assert get_testbed("fashion-latent-eps-cfg").sigmas(8)[0].item() == pytest.approx(EPS_SIGMA_MAX)
-    assert torch.equal(get_testbed("fashion-dit-flow-cfg").sigmas(5), flow_sigmas(5, FLOW_SHIFT))
+@pytest.mark.parametrize("name", LATENT_BEDS)
+def test_latent_beds_sample_the_latent_on_their_kinds_schedule_and_decode_it(name):
+    bed = get_testbed(name)
+    kind = "flow" if DESCRIBED_BEDS[name][2] == "flow" else "eps"
+    assert (bed.kind, bed.guidance, bed.shape) == (kind, 3.0, LATENT_SHAPE)
+    if kind == "flow":
+        assert torch.equal(bed.sigmas(5), flow_sigmas(5, FLOW_SHIFT))  # ComfyUI's simple, as fashion-flow-cfg
+    else:
+        assert bed.sigmas(8)[0].item() == pytest.approx(EPS_SIGMA_MAX)  # karras, as fashion-v-cfg
+    latents = bed.noise(2, torch.Generator().manual_seed(0))
+    assert torch.equal(bed.decode(latents), decode_latent(latents))
+
+
+def test_image_beds_decode_to_their_samples(beds):
     pixels = torch.randn(2, 1, 28, 28)
-    assert torch.equal(get_testbed("fashion-v-cfg").decode(pixels), pixels)
+    assert torch.equal(beds["fashion-v-cfg"].decode(pixels), pixels)
 
 
 @needs_data
@@ -262,7 +268,6 @@ SHIPPED_NETWORKS = {
     FLOW_UNET_WEIGHTS: ("unet", "flow", "image"),
     V_UNET_WEIGHTS: ("unet", "v", "image"),
     LATENT_EPS_UNET_WEIGHTS: ("unet", "eps", "latent"),
-    DIT_FLOW_WEIGHTS: ("dit", "flow", "latent"),
 }
 
 
@@ -279,13 +284,16 @@ def test_shipped_weights_are_the_recorded_fp16_files(path):
     assert 10**6 < int(metadata["params"]) < 3 * 10**6
 
 
-def test_a_network_of_another_parameterisation_architecture_or_space_is_refused():
+def test_a_network_of_another_parameterisation_architecture_or_space_is_refused(tmp_path):
     with pytest.raises(ValueError, match="parameterisation='flow'"):
         load_denoiser(FLOW_UNET_WEIGHTS, parameterisation="v")
-    with pytest.raises(ValueError, match="load it with architecture='dit', parameterisation='flow', space='latent'"):
-        load_denoiser(DIT_FLOW_WEIGHTS, architecture="unet", parameterisation="flow", latent=True)
     with pytest.raises(ValueError, match="space='latent'"):
         load_denoiser(LATENT_EPS_UNET_WEIGHTS, parameterisation="eps", latent=False)
+    dit = tmp_path / "dit.safetensors"
+    save_weights(build_denoiser("dit", "flow", latent=True), dit, denoiser_description("dit", "flow", latent=True))
+    with pytest.raises(ValueError, match="load it with architecture='dit', parameterisation='flow', space='latent'"):
+        load_denoiser(dit, architecture="unet", parameterisation="flow", latent=True)
+    assert load_denoiser(dit, architecture="dit", parameterisation="flow", latent=True).architecture == "dit"
     with pytest.raises(ValueError, match="set latent=True"):
         build_denoiser("dit", "flow", latent=False)
     with pytest.raises(UnknownChoice, match="vit"):
