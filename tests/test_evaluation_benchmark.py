@@ -53,6 +53,13 @@ def test_quick_benchmark_writes_tables_plots_and_numbers(tmp_path, capsys):
     # The table's 4-step cell is the ab2 preset's: the same weights (from float64 rather than float32 sigmas).
     assert eps["rows"]["ConsistencySolver (table-ab2)"]["4"] == pytest.approx(eps["rows"]["preset ab2"]["4"], rel=1e-4)
     assert len(results["overhead_seconds_per_step"]) == 2
+    # The bundled defaults are judged on each bed on both schedules, in one table.
+    assert (
+        set(eps["defaults"]["default-eps"]) == {"karras", "consistency_solver"}
+        and "default-eps" not in flow["defaults"]
+    )
+    assert set(flow["defaults"]["default-flow"]) == {"simple", "consistency_solver"}
+    assert "| gmm-vector-flow-cfg | default-flow | 6 | simple |" in markdown
     for bed in ("gmm-vector-eps-cfg", "gmm-vector-flow-cfg"):
         assert (out / f"{bed}.png").stat().st_size > 10_000
 
@@ -114,3 +121,40 @@ def test_a_file_with_a_learned_schedule_runs_on_it(tmp_path):
     )
     assert torch.equal(row.run(4), expected)
     assert row.run(6) is None  # no schedule for 6 steps: no cell, as for a table without that step count
+
+
+def test_the_defaults_are_judged_on_both_schedules_against_the_stock_samplers_on_each(tmp_path):
+    bed = get_testbed("gmm-vector-eps-cfg")
+    # uni_pc asks a schedule for one step more than it takes (KSampler drops the penultimate sigma)
+    schedule = StepSchedule({n: torch.linspace(0, 0.9, n, dtype=torch.float64) for n in (4, 5)})
+    tables = {n: Preset("ab2").weights(bed.sigmas(n)) for n in (4, 5)}
+    table = TableCoefficients(tables=tables, order=2, schedule=schedule)
+    path = tmp_path / "judged.safetensors"
+    save_coefficients(path, table, model_family="gmm-eps")
+    result = benchmark.evaluate_bed(bed, 16, (4,), [path], match=False, log=print, judged=[path], judged_only=True)
+    stock = list(stock_samplers.stock_comparison(bed.sigmas))
+    learned = [f"{label} (judged's learned schedule)" for label in stock]
+    assert set(result.rows) == {
+        "ConsistencySolver (judged, learned schedule)",
+        "ConsistencySolver (judged, bed's schedule)",
+        *stock,
+        *learned,
+    }  # judged_only: no presets, no live preview
+    judged = benchmark.judgements(result, "judged")
+    assert set(judged) == {"karras", "consistency_solver"}
+    for schedule_name, rows in (("karras", stock), ("consistency_solver", learned)):
+        cell = judged[schedule_name][4]
+        stock_rmse = {benchmark.stock_name(label): result.rows[label][4][0] for label in rows}
+        assert cell.best_stock_rmse == min(stock_rmse.values()) and stock_rmse[cell.best_stock] == cell.best_stock_rmse
+        assert cell.users_rmse == stock_rmse["dpmpp_2m"] and cell.to_users == cell.rmse / cell.users_rmse
+    assert judged["karras"][4].rmse == result.rows["ConsistencySolver (judged, bed's schedule)"][4][0]
+    table_text = benchmark.judgement_table({bed.name: result})
+    assert "| gmm-vector-eps-cfg | judged | 4 | consistency_solver |" in table_text
+    assert "| gmm-vector-eps-cfg | judged | 4 | karras |" in table_text
+
+
+def test_a_judgement_without_the_users_sampler_has_no_ratio_to_it_and_stock_names_come_from_labels():
+    cell = benchmark.Judgement(0.1, "ipndm", 0.2, None)
+    assert cell.to_best == 0.5 and cell.to_users is None
+    assert benchmark.stock_name("ComfyUI uni_pc_bh2 (default-flow's learned schedule)") == "uni_pc_bh2"
+    assert benchmark.stock_name("dpmpp_2m (project reimplementation)") == "dpmpp_2m"

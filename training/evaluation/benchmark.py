@@ -14,7 +14,13 @@ samples; Fashion: the classifier's agreement with the label). Rows:
 - the solver's presets (euler, ab2, ab3, ab4, ipndm);
 - ComfyUI's own stock samplers, or "absent" rows when ComfyUI is not importable (then the project's
   dpmpp_2m reimplementation is added, labelled as such);
-- ComfyUI's live preview: the denoised estimate after N steps of a 30-step dpmpp_2m run.
+- ComfyUI's live preview: the denoised estimate after N steps of a 30-step dpmpp_2m run;
+- for each bundled default with a learned schedule, every stock sampler on that schedule too (a user may pick the
+  ``consistency_solver`` scheduler with any sampler).
+
+A last table judges the defaults on each bed: on the stock schedule a user picks (the bed's: karras for EPS/V,
+``simple`` for flow) and on their learned schedule, each against every stock sampler on the same schedule, as ratios
+to the best of them and to the sampler users pick today (dpmpp_2m for EPS/V, euler for flow).
 
 Then "steps to match" (the fewest ConsistencySolver steps at least as consistent as dpmpp_2m at 10 and at
 20 steps) and the sampler overhead per step with a zero-cost denoiser. Tables go to stdout and
@@ -24,6 +30,7 @@ Then "steps to match" (the fewest ConsistencySolver steps at least as consistent
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import statistics
@@ -59,6 +66,11 @@ SAMPLES = {"gmm": 2048, "fashion": 64}
 QUICK_SAMPLES = 16
 OVERHEAD_LATENT = (1, 4, 64, 64)
 FASHION_REAL_PER_SAMPLE = 8  # an SD1.5 512x512 latent
+# The stock schedule a user picks for each model kind, which is the beds' default schedule (shift-3 linear is
+# ComfyUI's simple whenever the step count divides 1000), and the sampler users pick today.
+STOCK_SCHEDULE = {"eps": "karras", "flow": "simple"}
+USERS_SAMPLER = {"eps": "dpmpp_2m", "flow": "euler"}
+LEARNED_SCHEDULE = "consistency_solver"
 
 
 @dataclass
@@ -84,6 +96,9 @@ class BedResult:
     steps_to_match: dict[str, dict[int, int | None]] = field(default_factory=dict)
     match_notes: dict[str, dict[int, str]] = field(default_factory=dict)
     targets: dict[int, float] = field(default_factory=dict)
+    # {judged file: {schedule name: (the file's row, the stock samplers' rows on that schedule)}}
+    judged: dict[str, dict[str, tuple[str, list[str]]]] = field(default_factory=dict)
+    kind: str = "eps"
     seconds: float = 0.0
 
 
@@ -183,6 +198,15 @@ def sampler_row(
     return Row(label, run, note)
 
 
+def solver_label(path: Path, schedule: str | None) -> str:
+    """The row of a coefficient file: on its learned schedule (``learned``), the bed's (``bed's``), or its only one."""
+    return (
+        f"ConsistencySolver ({path.stem})"
+        if schedule is None
+        else f"ConsistencySolver ({path.stem}, {schedule} schedule)"
+    )
+
+
 def consistency_rows(bed: TestBed, noise: Tensor, labels: Tensor | None, files: list[Path]) -> list[Row]:
     """One row per coefficient file whose model family fits the bed (``any`` or the bed's eps/flow kind); two
     for a file with a learned schedule: on it, and on the bed's default schedule."""
@@ -206,13 +230,13 @@ def consistency_rows(bed: TestBed, noise: Tensor, labels: Tensor | None, files: 
             return sampler_row(label, bed, sampler, schedule, noise, labels, note, untrained_is_empty=True)
 
         if coefficients.schedule is None:
-            rows.append(row(f"ConsistencySolver ({path.stem})", bed.sigmas))
+            rows.append(row(solver_label(path, None), bed.sigmas))
             continue
         # A file with a learned schedule, on it (the consistency_solver scheduler) and on the bed's default
         # schedule (the file picked with a stock scheduler), which its weights were not trained for.
         learned = functools.partial(run_sigmas, bed, schedule=coefficients.schedule)
-        rows.append(row(f"ConsistencySolver ({path.stem}, learned schedule)", learned))
-        rows.append(row(f"ConsistencySolver ({path.stem}, bed's schedule)", bed.sigmas))
+        rows.append(row(solver_label(path, "learned"), learned))
+        rows.append(row(solver_label(path, "bed's"), bed.sigmas))
     return rows
 
 
@@ -223,20 +247,52 @@ def preset_rows(bed: TestBed, noise: Tensor, labels: Tensor | None) -> list[Row]
     ]
 
 
-def stock_rows(bed: TestBed, noise: Tensor, labels: Tensor | None) -> list[Row]:
+def stock_rows(
+    bed: TestBed,
+    noise: Tensor,
+    labels: Tensor | None,
+    schedule: Callable[[int], Tensor] | None = None,
+    suffix: str = "",
+) -> list[Row]:
+    """Every stock sampler on ``schedule`` (default: the bed's), labelled ``ComfyUI <name><suffix>``. A step count
+    the schedule lacks (a learned schedule asked for one step more by uni_pc) is an empty cell."""
     reason = stock_samplers.comfy_unavailable_reason()
     absent = (
         []
         if reason is None
-        else [Row(f"ComfyUI {name}", None, absent=reason) for name in stock_samplers.STOCK_SAMPLERS]
+        else [Row(f"ComfyUI {name}{suffix}", None, absent=reason) for name in stock_samplers.STOCK_SAMPLERS]
     )
+    comparison = stock_samplers.stock_comparison(bed.sigmas if schedule is None else schedule)
     return [
         *absent,
         *(
-            sampler_row(label, bed, sampler, schedule, noise, labels)
-            for label, (sampler, schedule) in stock_samplers.stock_comparison(bed.sigmas).items()
+            sampler_row(label + suffix, bed, sampler, sigmas, noise, labels, untrained_is_empty=schedule is not None)
+            for label, (sampler, sigmas) in comparison.items()
         ),
     ]
+
+
+def judged_rows(bed: TestBed, noise: Tensor, labels: Tensor | None, files: list[Path], result: BedResult) -> list[Row]:
+    """Every stock sampler on the learned schedule of each of ``files`` that fits the bed, and which rows judge each
+    file on each schedule (``result.judged``)."""
+    rows = []
+    stock_labels = list(stock_samplers.stock_comparison(bed.sigmas))
+    for path in files:
+        coefficients = load_coefficients(path, allow_untrained_steps=True)
+        if model_kind(coefficients.metadata["model_family"]) not in (bed.kind, "any"):
+            continue
+        stock_schedule = STOCK_SCHEDULE[bed.kind]
+        if coefficients.schedule is None:
+            result.judged[path.stem] = {stock_schedule: (solver_label(path, None), stock_labels)}
+            continue
+        suffix = f" ({path.stem}'s learned schedule)"
+        learned = functools.partial(run_sigmas, bed, schedule=coefficients.schedule)
+        rows += stock_rows(bed, noise, labels, learned, suffix)
+        result.judged[path.stem] = {
+            stock_schedule: (solver_label(path, "bed's"), stock_labels),
+            LEARNED_SCHEDULE: (solver_label(path, "learned"), [label + suffix for label in stock_labels]),
+        }
+    return rows
 
 
 def live_preview_row(bed: TestBed, noise: Tensor, labels: Tensor | None) -> Row:
@@ -263,20 +319,34 @@ def bed_samples(name: str, quick: bool) -> int:
 
 
 def evaluate_bed(
-    bed: TestBed, count: int, step_counts: tuple[int, ...], files: list[Path], match: bool, log
+    bed: TestBed,
+    count: int,
+    step_counts: tuple[int, ...],
+    files: list[Path],
+    match: bool,
+    log,
+    judged: list[Path] | None = None,
+    judged_only: bool = False,
 ) -> BedResult:
+    """The bed's table: ``files`` on their schedules, the presets, the stock samplers and the live preview, and the
+    stock samplers on the learned schedule of each ``judged`` file. ``judged_only`` keeps the rows that judge those
+    files only (the files and the stock samplers), as the leave-one-bed-out protocol needs."""
     started = time.perf_counter()
     noise, labels = seeded_batch(bed, held_out_seeds(count))
     references = reference_finals(
         bed, noise, labels, method="multistep", steps=REFERENCE_STEPS, cache_dir=reference_cache_dir()
     )
     quality = Quality(bed, labels, count)
-    result = BedResult(bed.name, quality.names, quality_note=quality.note)
+    result = BedResult(bed.name, quality.names, quality_note=quality.note, kind=bed.kind)
     result.floors = {f"{REFERENCE_STEPS}-step reference": quality(references), **quality.floors}
 
     solver_rows = consistency_rows(bed, noise, labels, files)
-    rows = [*solver_rows, *preset_rows(bed, noise, labels), *stock_rows(bed, noise, labels)]
-    rows.append(live_preview_row(bed, noise, labels))
+    judging = judged_rows(bed, noise, labels, judged or [], result)
+    if judged_only:
+        rows = [*solver_rows, *stock_rows(bed, noise, labels), *judging]
+    else:
+        rows = [*solver_rows, *preset_rows(bed, noise, labels), *stock_rows(bed, noise, labels), *judging]
+        rows.append(live_preview_row(bed, noise, labels))
     cache: dict[tuple[str, int], float | None] = {}
     for row in rows:
         log(f"  {bed.name}: {row.label}")
@@ -417,6 +487,73 @@ def bed_table(result: BedResult, step_counts: tuple[int, ...]) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class Judgement:
+    """A judged file at one step count on one schedule, against the stock samplers on the same schedule."""
+
+    rmse: float
+    best_stock: str  # the stock sampler's name (euler, dpmpp_2m, ...)
+    best_stock_rmse: float
+    users_rmse: float | None  # the sampler users pick today (USERS_SAMPLER), None when it has no cell
+
+    @property
+    def to_best(self) -> float:
+        return self.rmse / self.best_stock_rmse
+
+    @property
+    def to_users(self) -> float | None:
+        return None if self.users_rmse is None else self.rmse / self.users_rmse
+
+
+def stock_name(label: str) -> str:
+    """``ComfyUI euler (...)`` -> ``euler``; the project's ``dpmpp_2m (project reimplementation)`` -> ``dpmpp_2m``."""
+    return label.removeprefix("ComfyUI ").split(" ")[0]
+
+
+def judgements(result: BedResult, stem: str) -> dict[str, dict[int, Judgement]]:
+    """{schedule: {steps: Judgement}} of the judged file ``stem`` on ``result``'s bed, at every step count where it
+    and a stock sampler have a cell."""
+    judged = {}
+    for schedule, (row, stock) in result.judged[stem].items():
+        cells = {}
+        for steps, cell in result.rows[row].items():
+            stock_cells = {label: result.rows[label][steps] for label in stock if label in result.rows}
+            stock_cells = {label: value[0] for label, value in stock_cells.items() if value is not None}
+            if cell is None or not stock_cells:
+                continue
+            best = min(stock_cells, key=stock_cells.get)
+            users = [value for label, value in stock_cells.items() if stock_name(label) == USERS_SAMPLER[result.kind]]
+            cells[steps] = Judgement(cell[0], stock_name(best), stock_cells[best], users[0] if users else None)
+        judged[schedule] = cells
+    return judged
+
+
+def judgement_table(results: dict[str, BedResult]) -> str:
+    """One table of every judged file on every bed: its RMSE on each schedule beside the best stock sampler's and
+    the users' sampler's on the same schedule, and the ratios."""
+    lines = [
+        "### The defaults on each bed",
+        "",
+        "RMSE to the final; each ratio is to a stock sampler on the same schedule: the best of them, and the sampler "
+        f"users pick today ({USERS_SAMPLER['eps']} for EPS/V, {USERS_SAMPLER['flow']} for flow).",
+        "",
+        "| bed | file | steps | schedule | file's RMSE | best stock sampler | x best | users' sampler | x users' |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, result in results.items():
+        for stem in result.judged:
+            for schedule, cells in judgements(result, stem).items():
+                for steps, cell in cells.items():
+                    users = USERS_SAMPLER[result.kind]
+                    users_cell = "—" if cell.users_rmse is None else f"{cell.users_rmse:.3f} {users}"
+                    to_users = "—" if cell.to_users is None else f"{cell.to_users:.2f}x"
+                    lines.append(
+                        f"| {name} | {stem} | {steps} | {schedule} | {cell.rmse:.3f} | {cell.best_stock_rmse:.3f} "
+                        f"{cell.best_stock} | {cell.to_best:.2f}x | {users_cell} | {to_users} |"
+                    )
+    return "\n".join(lines) + "\n"
+
+
 def plot_bed(result: BedResult, step_counts: tuple[int, ...], path: Path) -> None:
     import matplotlib
 
@@ -461,6 +598,7 @@ def main(argv: list[str] | None = None) -> None:
     step_counts = QUICK_STEP_COUNTS if args.quick else STEP_COUNTS
     beds = args.beds or (QUICK_BEDS if args.quick else DEFAULT_BEDS)
     files = coefficient_files(args.coefficients)
+    defaults = sorted(BUNDLED_DIR.glob("*.safetensors"))
     args.out.mkdir(parents=True, exist_ok=True)
 
     def log(message: str) -> None:
@@ -479,12 +617,14 @@ def main(argv: list[str] | None = None) -> None:
             log(f"  skipped: {error}")
             continue
         count = args.samples or bed_samples(name, args.quick)
-        result = evaluate_bed(bed, count, step_counts, files, match=not args.quick, log=log)
+        result = evaluate_bed(bed, count, step_counts, files, match=not args.quick, log=log, judged=defaults)
         results[name] = result
         sections.append(f"{count} held-out noises.\n\n" + bed_table(result, step_counts))
         plot_bed(result, step_counts, args.out / f"{name}.png")
         print(sections[-1], flush=True)
 
+    sections.append(judgement_table(results))
+    print(sections[-1], flush=True)
     timings = sampler_overhead(files, repeats=3 if args.quick else 20)
     (solver_label, solver_time), (dpm_label, dpm_time) = timings.items()
     overhead = (
@@ -503,6 +643,13 @@ def main(argv: list[str] | None = None) -> None:
             "floors": result.floors,
             "steps_to_match": result.steps_to_match,
             "dpmpp_2m_rmse": result.targets,
+            "defaults": {
+                stem: {
+                    schedule: {str(n): dataclasses.asdict(cell) for n, cell in cells.items()}
+                    for schedule, cells in judgements(result, stem).items()
+                }
+                for stem in result.judged
+            },
         }
         for name, result in results.items()
     }
