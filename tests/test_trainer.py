@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -23,6 +24,7 @@ from consistency_solver.training.testbeds import get_testbed
 from consistency_solver.training.trainer.cli import main
 from consistency_solver.training.trainer.data import ReferenceSettings, bed_problem
 from consistency_solver.training.trainer.loop import (
+    Problem,
     TrainConfig,
     build_policy,
     clip_gradients,
@@ -30,6 +32,7 @@ from consistency_solver.training.trainer.loop import (
     held_out_rmse,
     learning_rate,
     new_state,
+    plan_update,
     train,
 )
 from consistency_solver.training.trainer.ppo import (
@@ -319,3 +322,12 @@ def test_cosine_learning_rate_decays_to_zero():
     assert [learning_rate(config, u) for u in (0, 5)] == pytest.approx([0.1, 0.05])
     assert learning_rate(config, 9) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 0.9)))
     assert learning_rate(TrainConfig(lr=0.1, updates=10), 9) == 0.1
+
+
+def test_a_mixture_in_a_mix_of_beds_trains_on_its_own_batch(problem):
+    fashion_like = Problem(object(), problem.train, problem.held_out, problem.reward)  # any bed that is no mixture
+    config = TrainConfig(mode="direct", steps=tuple(range(4, 13)), batch=2, mixture_batch=8)
+    plans = plan_update(config, [problem, fashion_like], update=0)
+    assert {(plan.problem, len(plan.samples)) for plan in plans} == {(0, 8), (1, 2)}
+    plain = plan_update(dataclasses.replace(config, mixture_batch=0), [problem, fashion_like], update=0)
+    assert {len(plan.samples) for plan in plain} == {2}

@@ -60,6 +60,8 @@ def no_references_built(tmp_path) -> bool:
         ("--batch", "0"),
         ("--train-count", "0"),
         ("--train-count", "10001"),
+        ("--mixture-batch", "-1"),
+        ("--mixture-train-count", "0"),
         ("--held-out-count", "0"),
         ("--threads", "-2"),
         ("--threads", "0"),

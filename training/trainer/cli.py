@@ -15,6 +15,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -39,7 +40,7 @@ from ..evaluation.calibrated import (
     ratios_to_best_stock,
 )
 from ..evaluation.references import REFERENCE_METHODS, TRAINING_SEED_LIMIT, reference_cache_dir
-from ..testbeds import TESTBED_NAMES, get_testbed
+from ..testbeds import GMM_BEDS, TESTBED_NAMES, get_testbed
 from . import distributed
 from .comfy_model import (
     CheckpointNotFound,
@@ -143,6 +144,13 @@ def parser() -> argparse.ArgumentParser:
     method.add_argument("--entropy-coef", type=float, default=0.01)
     method.add_argument("--std-floor", type=float, default=1e-3, help="ppo: floor on the group reward std")
     method.add_argument("--batch", type=int, default=16, help="direct: samples per step count per update")
+    method.add_argument(
+        "--mixture-batch",
+        type=int,
+        default=0,
+        help="direct: the batch of a Gaussian-mixture bed in a mix (0: --batch); mixtures are cheap and need large "
+        "batches to see the rare noises near a mode boundary",
+    )
     method.add_argument("--bins", type=int, default=21, help="grid points per coefficient (21 puts AB2 on the grid)")
     method.add_argument("--order", type=int, default=4)
     method.add_argument("--hidden", type=int, default=256)
@@ -175,6 +183,9 @@ def parser() -> argparse.ArgumentParser:
     data.add_argument("--reference-method", choices=REFERENCE_METHODS, default="multistep")
     data.add_argument("--reference-steps", type=int, default=40)
     data.add_argument("--train-count", type=int, default=256, help="training noises (seeds below 10000)")
+    data.add_argument(
+        "--mixture-train-count", type=int, help="training noises of a Gaussian-mixture bed (default: --train-count)"
+    )
     data.add_argument("--held-out-count", type=int, default=128, help="held-out noises (seeds 10000 and up)")
     data.add_argument(
         "--references-dir",
@@ -224,6 +235,7 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
         grad_clip=args.grad_clip,
         groups=args.groups,
         batch=args.batch,
+        mixture_batch=args.mixture_batch,
         order=args.order,
         bins=args.bins,
         hidden=args.hidden,
@@ -281,6 +293,11 @@ def check_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         (
             "train_count",
             1 <= args.train_count <= TRAINING_SEED_LIMIT,
+            f"a whole number from 1 to {TRAINING_SEED_LIMIT}",
+        ),
+        (
+            "mixture_train_count",
+            args.mixture_train_count is None or 1 <= args.mixture_train_count <= TRAINING_SEED_LIMIT,
             f"a whole number from 1 to {TRAINING_SEED_LIMIT}",
         ),
         ("held_out_count", args.held_out_count >= 1, at_least_one),
@@ -463,7 +480,11 @@ def build_problems(args: argparse.Namespace) -> tuple[list[Problem], list[str]]:
     if args.reward == "feature":
         encoder = load_feature_encoder(args.feature_factory, args.feature_weights)
     reward = make_reward(args.reward, encoder=encoder)
-    return [bed_problem(name, reward, settings) for name in args.bed], list(args.bed)
+    mixture_settings = settings
+    if args.mixture_train_count is not None:
+        mixture_settings = dataclasses.replace(settings, train_count=args.mixture_train_count)
+    problems = [bed_problem(name, reward, mixture_settings if name in GMM_BEDS else settings) for name in args.bed]
+    return problems, list(args.bed)
 
 
 def checkpoint_request(args: argparse.Namespace) -> CheckpointRequest:
