@@ -12,4 +12,5 @@
 - ``loop``: the training loop, checkpoints and held-out evaluation.
 - ``report``: the JSON + PNG report.
 - ``distributed``: torchrun data parallelism (gloo or nccl).
+- ``leave_one_out``: the defaults' protocol: trained without each learned bed and judged on it, then on all beds.
 """
