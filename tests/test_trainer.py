@@ -331,3 +331,18 @@ def test_a_mixture_in_a_mix_of_beds_trains_on_its_own_batch(problem):
     assert {(plan.problem, len(plan.samples)) for plan in plans} == {(0, 8), (1, 2)}
     plain = plan_update(dataclasses.replace(config, mixture_batch=0), [problem, fashion_like], update=0)
     assert {len(plan.samples) for plan in plain} == {2}
+
+
+def test_the_mixture_share_sets_how_many_batches_come_from_the_mixtures_of_a_mix(problem):
+    learned = Problem(object(), problem.train, problem.held_out, problem.reward)  # any bed that is no mixture
+    problems = [problem, problem, problem, learned]  # three mixtures crowd out one learned bed, drawn alike
+    config = TrainConfig(mode="direct", steps=tuple(range(4, 13)), batch=2, mixture_share=0.25)
+
+    def learned_share(config):
+        plans = [plan for update in range(40) for plan in plan_update(config, problems, update)]
+        return sum(plan.problem == 3 for plan in plans) / len(plans)
+
+    assert 0.65 < learned_share(config) < 0.85
+    assert 0.15 < learned_share(dataclasses.replace(config, mixture_share=0.0)) < 0.35
+    only_mixtures = plan_update(config, [problem, problem], update=0)  # no other bed: the share does not apply
+    assert {plan.problem for plan in only_mixtures} == {0, 1}

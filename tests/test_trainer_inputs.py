@@ -61,6 +61,8 @@ def no_references_built(tmp_path) -> bool:
         ("--train-count", "0"),
         ("--train-count", "10001"),
         ("--mixture-batch", "-1"),
+        ("--mixture-share", "1"),
+        ("--mixture-share", "nan"),
         ("--mixture-train-count", "0"),
         ("--held-out-count", "0"),
         ("--threads", "-2"),

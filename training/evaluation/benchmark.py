@@ -20,7 +20,7 @@ samples; Fashion: the classifier's agreement with the label). Rows:
 
 A last table judges the defaults on each bed: on the stock schedule a user picks (the bed's: karras for EPS/V,
 ``simple`` for flow) and on their learned schedule, each against every stock sampler on the same schedule, as ratios
-to the best of them and to the sampler users pick today (dpmpp_2m for EPS/V, euler for flow).
+to the best of them, and to what users run today (dpmpp_2m on karras for EPS/V, euler on simple for flow).
 
 Then "steps to match" (the fewest ConsistencySolver steps at least as consistent as dpmpp_2m at 10 and at
 20 steps) and the sampler overhead per step with a zero-cost denoiser. Tables go to stdout and
@@ -494,7 +494,7 @@ class Judgement:
     rmse: float
     best_stock: str  # the stock sampler's name (euler, dpmpp_2m, ...)
     best_stock_rmse: float
-    users_rmse: float | None  # the sampler users pick today (USERS_SAMPLER), None when it has no cell
+    users_rmse: float | None  # USERS_SAMPLER on the stock schedule, what users run today; None: no such cell
 
     @property
     def to_best(self) -> float:
@@ -512,18 +512,26 @@ def stock_name(label: str) -> str:
 
 def judgements(result: BedResult, stem: str) -> dict[str, dict[int, Judgement]]:
     """{schedule: {steps: Judgement}} of the judged file ``stem`` on ``result``'s bed, at every step count where it
-    and a stock sampler have a cell."""
+    and a stock sampler have a cell: against the best stock sampler on the same schedule, and against the sampler
+    users pick today on the stock schedule they pick (what they run today)."""
+
+    def stock_cells(labels: list[str], steps: int) -> dict[str, float]:
+        cells = {label: result.rows[label].get(steps) for label in labels if label in result.rows}
+        return {label: value[0] for label, value in cells.items() if value is not None}
+
+    today = result.judged[stem][STOCK_SCHEDULE[result.kind]][1]
     judged = {}
     for schedule, (row, stock) in result.judged[stem].items():
         cells = {}
         for steps, cell in result.rows[row].items():
-            stock_cells = {label: result.rows[label][steps] for label in stock if label in result.rows}
-            stock_cells = {label: value[0] for label, value in stock_cells.items() if value is not None}
-            if cell is None or not stock_cells:
+            same_schedule = stock_cells(stock, steps)
+            if cell is None or not same_schedule:
                 continue
-            best = min(stock_cells, key=stock_cells.get)
-            users = [value for label, value in stock_cells.items() if stock_name(label) == USERS_SAMPLER[result.kind]]
-            cells[steps] = Judgement(cell[0], stock_name(best), stock_cells[best], users[0] if users else None)
+            best = min(same_schedule, key=same_schedule.get)
+            users = [
+                v for label, v in stock_cells(today, steps).items() if stock_name(label) == USERS_SAMPLER[result.kind]
+            ]
+            cells[steps] = Judgement(cell[0], stock_name(best), same_schedule[best], users[0] if users else None)
         judged[schedule] = cells
     return judged
 
@@ -534,10 +542,12 @@ def judgement_table(results: dict[str, BedResult]) -> str:
     lines = [
         "### The defaults on each bed",
         "",
-        "RMSE to the final; each ratio is to a stock sampler on the same schedule: the best of them, and the sampler "
-        f"users pick today ({USERS_SAMPLER['eps']} for EPS/V, {USERS_SAMPLER['flow']} for flow).",
+        "RMSE to the final. Ratios: to the best stock sampler on the same schedule, and to what users run today: "
+        f"{USERS_SAMPLER['eps']} on {STOCK_SCHEDULE['eps']} for EPS/V, {USERS_SAMPLER['flow']} on "
+        f"{STOCK_SCHEDULE['flow']} for flow.",
         "",
-        "| bed | file | steps | schedule | file's RMSE | best stock sampler | x best | users' sampler | x users' |",
+        "| bed | file | steps | schedule | file's RMSE | best stock sampler on it | x best | users' sampler today | "
+        "x users' |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, result in results.items():

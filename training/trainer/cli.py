@@ -151,6 +151,13 @@ def parser() -> argparse.ArgumentParser:
         help="direct: the batch of a Gaussian-mixture bed in a mix (0: --batch); mixtures are cheap and need large "
         "batches to see the rare noises near a mode boundary",
     )
+    method.add_argument(
+        "--mixture-share",
+        type=float,
+        default=0.0,
+        help="direct: the share of batches drawn from the Gaussian-mixture beds of a mix with other beds (0: every "
+        "bed alike)",
+    )
     method.add_argument("--bins", type=int, default=21, help="grid points per coefficient (21 puts AB2 on the grid)")
     method.add_argument("--order", type=int, default=4)
     method.add_argument("--hidden", type=int, default=256)
@@ -236,6 +243,7 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
         groups=args.groups,
         batch=args.batch,
         mixture_batch=args.mixture_batch,
+        mixture_share=args.mixture_share,
         order=args.order,
         bins=args.bins,
         hidden=args.hidden,

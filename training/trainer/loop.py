@@ -99,6 +99,9 @@ class TrainConfig:
     # direct: the batch of a Gaussian-mixture problem (0: ``batch``). A mixture call is a closed-form matmul, and its
     # error comes from the 0.3-4 % of noises near a mode boundary, which only large batches see.
     mixture_batch: int = 0
+    # direct: the share of groups drawn from the Gaussian-mixture beds of a mix that has other beds too (0: every
+    # bed alike), so that several cheap mixtures do not crowd out the learned beds.
+    mixture_share: float = 0.0
     order: int = 4
     bins: int = 21
     hidden: int = 256
@@ -156,6 +159,8 @@ class TrainConfig:
             raise SettingError("eval_every", self.eval_every, "0 (off) or a whole number of updates")
         if self.mixture_batch < 0:
             raise SettingError("mixture_batch", self.mixture_batch, "0 (as batch) or a whole number of samples")
+        if not 0 <= self.mixture_share < 1:
+            raise SettingError("mixture_share", self.mixture_share, "0 (every bed alike) or a share below 1")
         for name in ("lr", "grad_clip", "std_floor"):
             if not (math.isfinite(values[name]) and values[name] > 0):
                 raise SettingError(name, values[name], "a finite number above 0")
@@ -288,9 +293,12 @@ def plan_update(config: TrainConfig, problems: list[Problem], update: int) -> li
 
     PPO: ``groups`` groups, each one training sample at a random step count. Direct: one batch of
     ``batch`` samples (``mixture_batch`` on a Gaussian mixture) for *every* step count, so each gradient weighs
-    all step counts alike (one shared network serves them all, and single-count steps pull it back and forth).
+    all step counts alike (one shared network serves them all, and single-count steps pull it back and forth);
+    with ``mixture_share`` that share of the batches comes from the mixtures of a mix.
     """
     rng = generator(config.seed, update, 0)
+    mixtures = [i for i, problem in enumerate(problems) if isinstance(problem.bed, GMMTestBed)]
+    others = [i for i in range(len(problems)) if i not in mixtures]
     if config.mode == "ppo":
         draws = torch.randint(len(config.steps), (config.groups,), generator=rng)
         counts = [config.steps[int(i)] for i in draws]
@@ -299,8 +307,12 @@ def plan_update(config: TrainConfig, problems: list[Problem], update: int) -> li
         counts, size = list(config.steps), config.batch
     plans = []
     for key, steps in enumerate(counts):
-        problem = int(torch.randint(len(problems), (1,), generator=rng))
-        mixture = config.mode == "direct" and isinstance(problems[problem].bed, GMMTestBed)
+        if config.mode == "direct" and config.mixture_share and mixtures and others:
+            pool = mixtures if float(torch.rand((), generator=rng)) < config.mixture_share else others
+            problem = pool[int(torch.randint(len(pool), (1,), generator=rng))]
+        else:
+            problem = int(torch.randint(len(problems), (1,), generator=rng))
+        mixture = config.mode == "direct" and problem in mixtures
         batch = config.mixture_batch if mixture and config.mixture_batch else size
         samples = torch.randint(len(problems[problem].train), (batch,), generator=rng)
         plans.append(GroupPlan(problem, tuple(samples.tolist()), steps, key + 1))
