@@ -84,8 +84,13 @@ def test_stock_rows_are_marked_absent_without_comfyui(tmp_path, monkeypatch):
     out = tmp_path / "out"
     benchmark.main(["--quick", "--beds", "gmm-vector-eps-cfg", "--out", str(out)])
     results = json.loads((out / "results.json").read_text())["gmm-vector-eps-cfg"]
-    assert set(results["absent"]) == {f"ComfyUI {name}" for name in stock_samplers.STOCK_SAMPLERS}
+    learned = " (default-eps's learned schedule)"
+    expected = {f"ComfyUI {name}{suffix}" for name in stock_samplers.STOCK_SAMPLERS for suffix in ("", learned)}
+    assert set(results["absent"]) == expected
     assert "dpmpp_2m (project reimplementation)" in results["rows"]
+    # The default is still judged, against the reimplementation on each schedule.
+    judged = results["defaults"]["default-eps"]["karras"]["4"]
+    assert judged["best_stock"] == "dpmpp_2m" and judged["users_rmse"] == judged["best_stock_rmse"]
     assert "absent (ComfyUI not importable: test)" in (out / "benchmark.md").read_text()
 
 
