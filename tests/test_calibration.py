@@ -13,6 +13,7 @@ from consistency_solver.training.calibration import (
     minimum_budget,
     record_run,
 )
+from consistency_solver.training.calibration.calibrator import step_weights
 from consistency_solver.training.evaluation.calibrated import stock_rows
 from consistency_solver.training.testbeds import get_testbed
 from consistency_solver.training.trainer.cli import main
@@ -81,7 +82,45 @@ def test_every_model_call_runs_without_gradients_and_the_budget_is_kept():
     assert result.rounds >= 1  # Gauss-Newton ran (its Jacobian sweeps call the model too)
     for steps, (start, best) in result.fit_rmse.items():
         assert best <= 1.1 * start  # no calibration noise may get more than 10 % worse
-        assert result.coefficients.tables[steps].shape == (steps, 4)
+        table = result.coefficients.tables[steps]
+        assert table.shape == (steps, 4)
+        assert abs(table[-1].sum().item() - 1) < 1e-12  # Gauss-Newton keeps the last step fully denoising
+
+
+def test_the_last_step_weights_are_the_best_that_sum_to_one():
+    generator = torch.Generator().manual_seed(0)
+    columns = torch.randn(200, 3, generator=generator, dtype=torch.float64)
+    gap = columns @ torch.tensor([0.7, 0.4, -0.3], dtype=torch.float64) + 0.1 * torch.randn(200, generator=generator)
+    free, last = step_weights(columns, gap, last=False), step_weights(columns, gap, last=True)
+    assert abs(free.sum().item() - 0.8) < 0.05  # the unconstrained optimum does not sum to 1 here
+    assert abs(last.sum().item() - 1) < 1e-12
+    residual = (columns @ last - gap).square().sum()
+    for direction in ([1.0, -1.0, 0.0], [0.0, 1.0, -1.0], [1.0, 1.0, -2.0]):
+        for size in (1e-3, -1e-3):
+            moved = last + size * torch.tensor(direction, dtype=torch.float64)
+            assert (columns @ moved - gap).square().sum() > residual  # no other sum-1 weights land closer
+    assert step_weights(columns[:, :1], gap, last=True).tolist() == [1.0]
+
+
+def test_calibrated_previews_end_fully_denoised_and_repeat_exactly():
+    sigmas = BED.sigmas(20)
+    target = record_run(ab2, gradient_free_model([]), noises(32) * sigmas[0], sigmas)
+    runs = [
+        calibrate(
+            lambda x, sigma, samples: BED.denoise(x, sigma, None),
+            target,
+            [3, 5],
+            budget=2000,
+            sigma_min=BED.sigma_min,
+            sigma_max=BED.sigma_max,
+        )
+        for _ in range(2)
+    ]
+    first, second = (run.coefficients for run in runs)
+    for steps in (3, 5):
+        assert abs(first.tables[steps][-1].sum().item() - 1) < 1e-12
+        assert torch.equal(first.tables[steps], second.tables[steps])
+        assert torch.equal(first.schedule.positions[steps], second.schedule.positions[steps])
 
 
 def test_a_budget_below_the_minimum_is_refused_before_any_model_call():

@@ -13,7 +13,9 @@ does most of the work:
    another mode) is rarely among a few dozen calibration noises.
 2. **Greedy least squares on the solver's own trajectory.** Step by step, with real model calls at the solver's
    own states, each step's weights are the linear least-squares fit that lands closest to the target's next
-   state (its final after the last step). One rollout per step count.
+   state (its final after the last step). Rows sum freely (a step scale), except the last: its weights sum to 1,
+   so the preview ends fully denoised (``step_weights``; the schedule search and Gauss-Newton keep the same
+   rule). One rollout per step count.
 3. **Optionally (``end_to_end``), Gauss-Newton on the final error.** The final preview is a function of all
    weights and the log sigmas (the first stays at sigma_max). Its Jacobian is measured by forward finite
    differences: a weight of step i moves x_{i+1} along one cached derivative, a sigma moves where a step lands
@@ -174,7 +176,7 @@ def jacobian_noise_count(noises: int) -> int:
 
 def local_error(target: TargetRun, indices: list[int], order: int) -> float:
     """How well a schedule on the target run's sigmas can follow it, at no model call: teacher-forced, each step
-    starts on the target's state, weighs the target's own derivatives (the least-squares best weights) and misses
+    starts on the target's state, weighs the target's own derivatives (the best weights, ``step_weights``) and misses
     the target's next state (its final after the last step) by some mean squared error; their sum.
 
     Steps too long for the model's curvature miss by much, and they are where a few-step preview lands in the
@@ -187,10 +189,27 @@ def local_error(target: TargetRun, indices: list[int], order: int) -> float:
         history = [to_d(x, sigmas[i], target.denoised[index].double()), *history[: order - 1]]
         wanted = target.finals if i + 1 == len(indices) else target.states[indices[i + 1]]
         columns = torch.stack([((sigmas[i + 1] - sigmas[i]) * d).flatten() for d in history], dim=1)
-        gap = (wanted.double() - x).flatten().unsqueeze(1)
-        fitted = columns @ torch.linalg.lstsq(columns, gap).solution
+        gap = (wanted.double() - x).flatten()
+        fitted = columns @ step_weights(columns, gap, last=i + 1 == len(indices))
         total += (fitted - gap).square().mean().item()
     return total
+
+
+def step_weights(columns: Tensor, gap: Tensor, last: bool) -> Tensor:
+    """The weights of one step: the blend of ``columns`` [elements, h] (each a derivative times the step) closest to
+    ``gap`` [elements] by least squares, rows free to sum to any scale; but the last step's weights sum to 1.
+
+    A preview is shown as a finished image, so its last step must remove all the noise left: with weights summing
+    to 1 a step to sigma 0 on derivatives that agree lands on the clean image. Free, the least-squares optimum
+    keeps a share of the last state's noise for the detail it carries (on Fashion 7 % of it at sigma 0.45), and
+    the display clamp turns that noise on a black background into brightness the final does not have."""
+    if not last:
+        return torch.linalg.lstsq(columns, gap.unsqueeze(1)).solution.squeeze(1)
+    if columns.shape[1] == 1:
+        return columns.new_ones(1)
+    first = columns[:, :1]
+    rest = torch.linalg.lstsq(columns[:, 1:] - first, (gap - first.squeeze(1)).unsqueeze(1)).solution.squeeze(1)
+    return torch.cat([1 - rest.sum(0, keepdim=True), rest])
 
 
 def searched_schedule(target: TargetRun, steps: int, order: int) -> list[int]:
@@ -421,6 +440,15 @@ class _Fit:
     def parameter_count(self) -> int:
         return int(self.mask.sum()) + self.steps - 1
 
+    def parameter_basis(self) -> Tensor:
+        """[parameters, free directions]: how Gauss-Newton may move the weights and log sigmas; the last step's
+        weights only along directions that keep their sum at 1 (see ``step_weights``)."""
+        last = int(self.mask[-1].sum())
+        first = int(self.mask.sum()) - last  # where the last step's weights start
+        basis = torch.eye(self.parameter_count, dtype=torch.float64)
+        basis[first, first + 1 : first + last] = -1
+        return torch.cat([basis[:, :first], basis[:, first + 1 :]], dim=1)
+
     def derivative(self, evaluate, x: Tensor, sigma: Tensor, samples: Tensor) -> Tensor:
         if sigma == self.sigmas[0]:  # the start state at sigma_max: the target run's own first evaluation
             return to_d(x, sigma, self.target.denoised[0].double()[samples])
@@ -448,7 +476,7 @@ class _Fit:
             step = self.sigmas[i + 1] - self.sigmas[i]
             wanted = self.finals if i + 1 == self.steps else self.target.states[self.indices[i + 1]].double()
             columns = torch.stack([(step * d).flatten() for d in history], dim=1)
-            row = torch.linalg.lstsq(columns, (wanted - x).flatten().unsqueeze(1)).solution.squeeze(1)
+            row = step_weights(columns, (wanted - x).flatten(), last=i + 1 == self.steps)
             self.weights[i, : len(history)] = row if row.sum() > 0 else torch.eye(1, len(history)).squeeze(0)
             x = x + step * sum(self.weights[i, k] * d for k, d in enumerate(history))
         self.accept(_Rollout(x, states, derivatives), self.weights, self.sigmas)
@@ -508,13 +536,14 @@ class _Fit:
         others = self.all_samples[~torch.isin(self.all_samples, samples)]
         judged_on = others if len(others) else self.all_samples
         self.rounds += 1
-        jacobian = self.jacobian(evaluate, samples)
+        basis = self.parameter_basis()
+        jacobian = self.jacobian(evaluate, samples) @ basis
         residual = (self.base.final[samples] - self.finals[samples]).flatten()
         normal, gradient = jacobian.T @ jacobian, jacobian.T @ residual
         scale = torch.diag(normal.diagonal().clamp_min(1e-30))
         weight_count = int(self.mask.sum())
         for _ in range(DAMPING_TRIES):
-            update = -torch.linalg.solve(normal + self.damping * scale, gradient)
+            update = -basis @ torch.linalg.solve(normal + self.damping * scale, gradient)
             weights = self.weights.clone()
             weights[self.mask] += update[:weight_count]
             sigmas = self.sigmas.clone()
