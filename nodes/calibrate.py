@@ -2,8 +2,9 @@
 
 It renders the refine the user will run (ComfyUI's own sampler, scheduler and steps) from a few seeded noises,
 then fits a table and a schedule with ``training.calibration`` so that previews land on those finals. The file
-goes to ``models/consistency_solver/<name>.safetensors``; its metadata fingerprints the model, the conditioning
-and the settings, so a second run with the same inputs loads it without a single model call.
+goes to ``models/consistency_solver/<name>.safetensors``; its metadata fingerprints the model, the conditioning,
+the settings and the calibrator's revision, so a second run with the same inputs loads it without a single model
+call, and a file made by an older calibrator is fitted again.
 
 Importing this module needs no ComfyUI (``definitions`` lists the node); ComfyUI is imported when it runs.
 """
@@ -283,7 +284,13 @@ def run_calibration(
     import folder_paths
 
     from ..solver import save_coefficients
-    from ..training.calibration import BudgetTooSmall, calibrate_model, check_budget, minimum_budget
+    from ..training.calibration import (
+        CALIBRATOR_REVISION,
+        BudgetTooSmall,
+        calibrate_model,
+        check_budget,
+        minimum_budget,
+    )
     from .runtime import ksampler_sigmas, sampling_kind
 
     latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
@@ -295,6 +302,7 @@ def run_calibration(
                 "conditioning": conditioning_fingerprint(positive, negative),
                 "settings": asdict(settings),
                 "shape": shape,
+                "calibrator": CALIBRATOR_REVISION,
             },
             sort_keys=True,
         ).encode()

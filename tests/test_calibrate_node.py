@@ -76,6 +76,8 @@ def test_the_node_writes_the_file_with_its_metadata_and_a_second_run_makes_no_mo
     coefficients = load_coefficients(path)
     assert sorted(coefficients.tables) == [3, 4] and coefficients.row_sums == "free"
     assert sorted(coefficients.schedule.positions) == [3, 4]
+    for table in coefficients.tables.values():
+        assert abs(table[-1].sum().item() - 1) < 1e-6  # the node's previews end fully denoised, as the API's
 
     again = calibrate(model)
     assert again == selection and calls["count"] == first  # loaded, zero model calls
@@ -84,6 +86,17 @@ def test_the_node_writes_the_file_with_its_metadata_and_a_second_run_makes_no_mo
         model, POSITIVE, NEGATIVE, LATENT, 7, 4, 4.0, "consistency_solver", 1.0, "auto", loaded_coefficients=selection
     )
     assert torch.isfinite(latent["samples"]).all()
+
+
+def test_a_file_made_by_an_older_calibrator_is_fitted_again(models_dir, monkeypatch):
+    import consistency_solver.training.calibration as calibration
+
+    model, calls = counting_model()
+    calibrate(model)
+    first = calls["count"]
+    monkeypatch.setattr(calibration, "CALIBRATOR_REVISION", calibration.CALIBRATOR_REVISION + 1)
+    calibrate(model)
+    assert calls["count"] == 2 * first  # fitted again with the same calls, not loaded
 
 
 @pytest.mark.parametrize(("kind", "sampler"), [("flow", "euler"), ("v", "heun")])

@@ -1,6 +1,7 @@
 """Forward-only calibration of a coefficient table to one model (issue 10); depends only on solver/ and torch."""
 
 from .calibrator import (
+    CALIBRATOR_REVISION,
     BudgetTooSmall,
     Calibration,
     TargetRun,
@@ -13,6 +14,7 @@ from .calibrator import (
 )
 
 __all__ = [
+    "CALIBRATOR_REVISION",
     "BudgetTooSmall",
     "Calibration",
     "TargetRun",

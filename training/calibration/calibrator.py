@@ -55,6 +55,9 @@ DAMPING_FACTOR = 30.0
 SCHEDULE_WARPS = tuple(0.4 + 0.1 * k for k in range(17))  # index = last * (k / (N - 1)) ** warp, 0.4 to 2
 NO_HARM = 1.1  # a Gauss-Newton step may raise no calibration noise's RMSE by more than this factor
 MIN_IMPROVEMENT = 1e-3  # a candidate must lower the real RMSE by this share (not chase float noise)
+# Raised whenever the fit changes what it makes, so a file calibrated before is fitted again, not reused (2: the last
+# step's weights sum to 1).
+CALIBRATOR_REVISION = 2
 
 
 class BudgetTooSmall(ValueError):
