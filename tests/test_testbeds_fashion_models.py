@@ -20,6 +20,7 @@ from consistency_solver.training.testbeds import FASHION_BEDS, TESTBED_NAMES, ge
 from consistency_solver.training.testbeds.base import EPS_SIGMA_MAX, EPS_SIGMA_MIN, FLOW_SHIFT, FLOW_SIGMA_MIN
 from consistency_solver.training.testbeds.fashion import (
     DATA_DIR,
+    DIT_FLOW_WEIGHTS,
     FASHION_MODELS,
     FLOW_UNET_WEIGHTS,
     LATENT_EPS_UNET_WEIGHTS,
@@ -47,6 +48,7 @@ SHIPPED_SHA256 = {
     FLOW_UNET_WEIGHTS.name: "811e3be7b1e4fb94513c7ad2ac84a1f51f8191e4d79fbcced7fbe270fabe5838",
     V_UNET_WEIGHTS.name: "cacb6ecbb65ea70bb1224269f73225d3142bfa9f59a066e585fa23d8ec6e4e32",
     LATENT_EPS_UNET_WEIGHTS.name: "7b34507d4bc4b904aeb0429f4623caeb529ab12c0c38af7d01b8a191075d614f",
+    DIT_FLOW_WEIGHTS.name: "f2202e218032df22e89fb46484b23c674cc475f0a6c6b69cfede2e76ae44df20",
 }
 NEW_BEDS = ("fashion-flow-cfg", "fashion-v-cfg")
 # The beds of this file: (model family, architecture, parameterisation, latent).
@@ -54,6 +56,7 @@ DESCRIBED_BEDS = {
     "fashion-flow-cfg": ("fashion-flow", "unet", "flow", False),
     "fashion-v-cfg": ("fashion-v-eps", "unet", "v", False),
     "fashion-latent-eps-cfg": ("fashion-latent-eps", "unet", "eps", True),
+    "fashion-dit-flow-cfg": ("fashion-dit-flow", "dit", "flow", True),
 }
 LATENT_BEDS = [name for name, (*_, latent) in DESCRIBED_BEDS.items() if latent]
 # (architecture, parameterisation, latent) of every bed network tested here.
@@ -268,6 +271,7 @@ SHIPPED_NETWORKS = {
     FLOW_UNET_WEIGHTS: ("unet", "flow", "image"),
     V_UNET_WEIGHTS: ("unet", "v", "image"),
     LATENT_EPS_UNET_WEIGHTS: ("unet", "eps", "latent"),
+    DIT_FLOW_WEIGHTS: ("dit", "flow", "latent"),
 }
 
 

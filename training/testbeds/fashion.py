@@ -7,18 +7,19 @@ model space (the latent, for a latent bed), so every sampler of the pack runs on
 
 - ``edm`` (bed ``fashion-eps-cfg``): ComfyUI EPS space, x = x0 + sigma * eps, with Karras et al. (2022)
   preconditioning inside the network.
-- ``flow`` (bed ``fashion-flow-cfg``): ComfyUI CONST (rectified flow, as SD3), x = (1 - sigma) * x0 + sigma * eps,
-  the network predicts the velocity eps - x0 from the timestep 1000 * sigma, and the schedule is
-  ``ModelSamplingDiscreteFlow`` with shift 3.
+- ``flow`` (beds ``fashion-flow-cfg`` and ``fashion-dit-flow-cfg``): ComfyUI CONST (rectified flow, as SD3),
+  x = (1 - sigma) * x0 + sigma * eps, the network predicts the velocity eps - x0 from the timestep 1000 * sigma, and
+  the schedule is ``ModelSamplingDiscreteFlow`` with shift 3.
 - ``v`` (bed ``fashion-v-cfg``): ComfyUI V_PREDICTION (as SD2-768) on SD1.x's discrete 1000-step schedule: the
   network sees x / sqrt(sigma^2 + 1) and the nearest discrete timestep, and predicts v.
 - ``eps`` (bed ``fashion-latent-eps-cfg``): ComfyUI EPS on SD1.x's discrete schedule, as SD1.5: the same input and
   timestep as ``v``, the network predicts eps, and denoised = x - sigma * eps.
 
-The latent bed ``fashion-latent-eps-cfg`` works, as latent diffusion models do, on a 4x14x14 latent that is not the
-image: ``encode_latent`` is a fixed invertible linear map (2x2 space-to-depth, a fixed orthogonal 4x4 channel mix, a
-per-channel shift and scale) and ``decode_latent`` its exact inverse. The classifier gives the label-agreement and
-Frechet metrics, on decoded images.
+The latent beds (``fashion-latent-eps-cfg``, the UNet; ``fashion-dit-flow-cfg``, a DiT in the ``flow``
+parameterisation) work, as latent diffusion models do, on a 4x14x14 latent that is not the image: ``encode_latent``
+is a fixed invertible linear map (2x2 space-to-depth, a fixed orthogonal 4x4 channel mix, a per-channel shift and
+scale) and ``decode_latent`` its exact inverse. The classifier gives the label-agreement and Frechet metrics, on
+decoded images.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ UNET_WEIGHTS = WEIGHTS_DIR / "fashion_unet.safetensors"
 FLOW_UNET_WEIGHTS = WEIGHTS_DIR / "fashion_flow_unet.safetensors"
 V_UNET_WEIGHTS = WEIGHTS_DIR / "fashion_v_unet.safetensors"
 LATENT_EPS_UNET_WEIGHTS = WEIGHTS_DIR / "fashion_latent_eps_unet.safetensors"
+DIT_FLOW_WEIGHTS = WEIGHTS_DIR / "fashion_dit_flow.safetensors"
 CLASSIFIER_WEIGHTS = WEIGHTS_DIR / "fashion_classifier.safetensors"
 CLASS_NAMES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 NUM_CLASSES = 10
@@ -484,6 +486,8 @@ FASHION_MODELS = {
     "fashion-v-cfg": FashionModel("fashion-v-eps", "v", V_UNET_WEIGHTS),
     # As SD1.5: EPS on the discrete schedule, on a latent.
     "fashion-latent-eps-cfg": FashionModel("fashion-latent-eps", "eps", LATENT_EPS_UNET_WEIGHTS, latent=True),
+    # As SD3 / Flux: a DiT trained as a rectified flow (CONST, shift 3) on a latent.
+    "fashion-dit-flow-cfg": FashionModel("fashion-dit-flow", "flow", DIT_FLOW_WEIGHTS, architecture="dit", latent=True),
 }
 
 
