@@ -1,7 +1,7 @@
 """Where the pack's bundled coefficient files live, and how the per-family defaults are made.
 
-One place for nodes (``auto`` and KSampler by name), the benchmark and the demo; the commands are the
-ones recorded in the files' metadata and in README.
+One place for nodes (``auto`` and KSampler by name), the benchmark and the demo; the commands are README's (the
+eps one runs the leave-one-bed-out protocol, whose last run is the command recorded in the file's metadata).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ _TRAIN = (
     "--lr-schedule cosine"
 )
 DEFAULT_FILE_COMMANDS = {
-    "eps": f"{_TRAIN} --bed fashion-eps-cfg --bed gmm-image-eps-cfg --updates 200 --batch 4 --lr 5e-3 "
-    "--train-count 128 --held-out-count 64 --output solver/bundled/default-eps.safetensors",
+    # the leave-one-bed-out protocol, whose last run trains the default on every EPS/V bed
+    "eps": "python -m consistency_solver.training.trainer.leave_one_out --family eps",
     "flow": f"{_TRAIN} --bed gmm-image-flow-cfg --bed gmm-image-flow --bed gmm-vector-flow-cfg --bed gmm-vector-flow "
     "--updates 1000 --batch 16 --lr 1e-2 --output solver/bundled/default-flow.safetensors",
 }
