@@ -13,7 +13,7 @@ from consistency_solver.training.calibration import (
     minimum_budget,
     record_run,
 )
-from consistency_solver.training.calibration.calibrator import step_weights
+from consistency_solver.training.calibration.calibrator import robust_step_weights, step_weights
 from consistency_solver.training.evaluation.calibrated import stock_rows
 from consistency_solver.training.testbeds import get_testbed
 from consistency_solver.training.trainer.cli import main
@@ -100,6 +100,27 @@ def test_the_last_step_weights_are_the_best_that_sum_to_one():
             moved = last + size * torch.tensor(direction, dtype=torch.float64)
             assert (columns @ moved - gap).square().sum() > residual  # no other sum-1 weights land closer
     assert step_weights(columns[:, :1], gap, last=True).tolist() == [1.0]
+
+
+@pytest.mark.parametrize("last", [False, True])
+def test_a_noise_that_misses_by_far_does_not_steer_the_robust_step_fit(last):
+    generator = torch.Generator().manual_seed(0)
+    columns = torch.randn(16, 32, 3, generator=generator, dtype=torch.float64)  # 16 noises, 32 elements, 3 weights
+    wanted = torch.tensor([1.3, -0.6, 0.3], dtype=torch.float64)  # sums to 1, so the last step can reach it
+    gap = columns @ wanted + 0.01 * torch.randn(16, 32, generator=generator, dtype=torch.float64)
+    gap[0] = columns[0] @ torch.tensor([4.0, 2.0, -5.0], dtype=torch.float64)  # one noise landed in another mode
+    plain = step_weights(columns.flatten(0, 1), gap.flatten(), last)
+    robust = robust_step_weights(columns, gap, last)
+    assert (robust - wanted).norm() < 0.5 * (plain - wanted).norm()
+    if last:
+        assert abs(robust.sum().item() - 1) < 1e-12
+    # without the outlier every noise keeps its weight: the plain least-squares fit
+    torch.testing.assert_close(
+        robust_step_weights(columns[1:], gap[1:], last),
+        step_weights(columns[1:].flatten(0, 1), gap[1:].flatten(), last),
+        atol=1e-3,
+        rtol=0,
+    )
 
 
 def test_calibrated_previews_end_fully_denoised_and_repeat_exactly():
