@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         result = judge(path, [left_out], args.samples, log)[left_out]
         results[f"{left_out} (left out)"] = result
         verdicts.append(verdict(left_out, result, path.stem, left_out=True))
+        log(benchmark.judgement_table({f"{left_out} (left out)": result}))  # each fold as soon as it is judged
     sections.append(benchmark.judgement_table(results))
     if not args.skip_final:
         started = time.perf_counter()
