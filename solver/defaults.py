@@ -1,7 +1,7 @@
 """Where the pack's bundled coefficient files live, and how the per-family defaults are made.
 
 One place for nodes (``auto`` and KSampler by name), the benchmark and the demo; the commands are README's (the
-eps one runs the leave-one-bed-out protocol, whose last run is the command recorded in the file's metadata).
+leave-one-bed-out protocol, whose last run is the command recorded in the file's metadata).
 """
 
 from __future__ import annotations
@@ -11,15 +11,10 @@ from pathlib import Path
 from .errors import check_choice
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
-_TRAIN = (
-    "python -m consistency_solver.training --steps 4-12 --threads 1 --no-progress --mode direct --schedule learned "
-    "--lr-schedule cosine"
-)
 DEFAULT_FILE_COMMANDS = {
-    # the leave-one-bed-out protocol, whose last run trains the default on every EPS/V bed
+    # the leave-one-bed-out protocol, whose last run trains the default on every bed of the family
     "eps": "python -m consistency_solver.training.trainer.leave_one_out --family eps",
-    "flow": f"{_TRAIN} --bed gmm-image-flow-cfg --bed gmm-image-flow --bed gmm-vector-flow-cfg --bed gmm-vector-flow "
-    "--updates 1000 --batch 16 --lr 1e-2 --output solver/bundled/default-flow.safetensors",
+    "flow": "python -m consistency_solver.training.trainer.leave_one_out --family flow",
 }
 
 
