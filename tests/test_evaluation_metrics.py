@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,6 +85,23 @@ def test_frechet_distance_of_gaussians_with_known_answer():
     # FD(N(0, I), N(1, 4I)) = |1|^2 * 4 + trace(I + 4I - 2 * 2I) = 4 + 4 = 8.
     assert math.isclose(frechet_distance(a, b), 8.0, rel_tol=0.05)
     assert abs(frechet_distance(a, a)) < 1e-6
+
+
+def test_frechet_distance_agrees_with_the_matrix_square_root_and_stays_finite_on_singular_covariances():
+    from scipy import linalg
+
+    generator = torch.Generator().manual_seed(5)
+    mixing = torch.randn(6, 6, generator=generator, dtype=torch.float64)
+    a = torch.randn(500, 6, generator=generator, dtype=torch.float64) @ mixing
+    b = torch.randn(500, 6, generator=generator, dtype=torch.float64) @ mixing.T + 0.5
+    cov_a, cov_b = (np.cov(x.numpy(), rowvar=False) for x in (a, b))
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum().item() + np.trace(
+        cov_a + cov_b - 2 * linalg.sqrtm(cov_a @ cov_b).real
+    )
+    assert math.isclose(frechet_distance(a, b), expected, rel_tol=1e-9)
+    # Fewer samples than features, as on a small benchmark run: rank-deficient covariances.
+    few_a, few_b = a[:4] @ torch.ones(6, 64, dtype=torch.float64), b[:5] @ torch.ones(6, 64, dtype=torch.float64)
+    assert math.isfinite(frechet_distance(few_a, few_b)) and frechet_distance(few_a, few_b) >= -1e-9
 
 
 def test_label_agreement():
