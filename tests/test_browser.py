@@ -132,6 +132,8 @@ def search(page, text, expected, attempts=3):
             break
         except PlaywrightTimeout:
             continue
+    else:  # what the page showed instead, for the failure that follows
+        shoot(page, f"search-failed {text}")
     page.page.wait_for_timeout(300)
     return [line.strip() for line in options.all_inner_texts()]
 
