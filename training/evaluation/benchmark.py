@@ -51,6 +51,7 @@ from . import stock_samplers
 from .evaluator import Sampler, sample_previews, solver_sampler
 from .metrics import consistency_rmse, frechet_distance, label_agreement, mode_tv, rmse_per_sample, sliced_wasserstein
 from .references import held_out_seeds, reference_cache_dir, reference_finals, seeded_batch
+from .stock_samplers import stock_name
 
 STEP_COUNTS = (4, 5, 6, 8, 10, 12)
 QUICK_STEP_COUNTS = (4, 6)
@@ -503,11 +504,6 @@ class Judgement:
     @property
     def to_users(self) -> float | None:
         return None if self.users_rmse is None else self.rmse / self.users_rmse
-
-
-def stock_name(label: str) -> str:
-    """``ComfyUI euler (...)`` -> ``euler``; the project's ``dpmpp_2m (project reimplementation)`` -> ``dpmpp_2m``."""
-    return label.removeprefix("ComfyUI ").split(" ")[0]
 
 
 def judgements(result: BedResult, stem: str) -> dict[str, dict[int, Judgement]]:

@@ -180,3 +180,9 @@ def stock_comparison(
 def is_stock_label(label: str) -> bool:
     """Whether a result row named ``label`` is one of ``stock_comparison``'s."""
     return label.startswith("ComfyUI ") or label == f"dpmpp_2m ({BASELINE_LABEL})"
+
+
+def stock_name(label: str) -> str:
+    """The sampler of a ``stock_comparison`` row, whatever follows its label: ``ComfyUI euler (...)`` -> ``euler``;
+    the project's ``dpmpp_2m (project reimplementation)`` -> ``dpmpp_2m``."""
+    return label.removeprefix("ComfyUI ").split(" ")[0]
