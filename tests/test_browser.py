@@ -35,6 +35,7 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 SCREENSHOTS = REPOSITORY / "outputs" / "browser"
 PACK_FOLDER = "consistency_solver"  # the folder name under custom_nodes: the template browser's module name
 REFINE = {"steps": 6, "cfg": 4.0, "scheduler": "karras"}
+SEARCH_INPUT_ID = "comfy-vue-node-search-box-input-"  # the frontend's node search input, a random suffix follows
 
 
 @pytest.fixture(scope="module")
@@ -119,15 +120,19 @@ def test_every_example_opens_from_the_template_browser(page):
 
 
 def search(page, text, expected, attempts=3):
-    """Double-click the empty canvas, type into the node search; returns the result lines once ``expected`` (a
-    display name) is among them, or after ``attempts`` tries of 10 s (on a busy machine a double-click can land
-    before the canvas takes it, and then no search box opens)."""
+    """Double-click the empty canvas and type into the node search once its input is shown; returns the result lines
+    once ``expected`` (a display name) is among them, or after ``attempts`` tries of 10 s (on a busy machine a
+    double-click can land before the canvas takes it, and then no search box opens). Keys typed while no search
+    input has the focus go to the canvas, whose shortcuts they are ('w' opens the workflows panel), so the text is
+    filled into the input itself."""
+    box = page.page.locator(f'input[id^="{SEARCH_INPUT_ID}"]')
     options = page.page.locator("li[role=option]")
     for _ in range(attempts):
         page.page.keyboard.press("Escape")
         page.page.mouse.dblclick(800, 520)
-        page.page.keyboard.type(text)
         try:
+            box.wait_for(state="visible", timeout=10_000)
+            box.fill(text)
             options.filter(has_text=expected).first.wait_for(timeout=10_000)
             break
         except PlaywrightTimeout:
