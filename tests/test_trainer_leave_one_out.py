@@ -1,8 +1,10 @@
 """The leave-one-bed-out protocol end to end on Gaussian mixtures standing in for the learned beds (seconds)."""
 
 import json
+import shlex
 
 import pytest
+from safetensors import safe_open
 
 from consistency_solver.solver import load_coefficients
 from consistency_solver.training.trainer import leave_one_out
@@ -23,6 +25,7 @@ def test_every_learned_bed_is_left_out_once_then_the_default_trains_on_all(tmp_p
         original(beds, recipe, output, work)
 
     monkeypatch.setattr(leave_one_out, "train", recorded)
+    monkeypatch.chdir(tmp_path)  # as the repository root: the files record paths relative to it
     output = tmp_path / "default-eps.safetensors"
     argv = ["--family", "eps", "--recipe", TINY, "--out", str(tmp_path / "out"), "--output", str(output)]
     leave_one_out.main([*argv, "--samples", "8"])
@@ -32,6 +35,10 @@ def test_every_learned_bed_is_left_out_once_then_the_default_trains_on_all(tmp_p
         "default-eps": [*learned, *mixtures],
     }
     assert load_coefficients(output).trained_steps == (5, 8)
+    with safe_open(output, "pt") as opened:
+        command = shlex.split(json.loads(opened.metadata()["training"])["command"])
+    assert command[command.index("--output") + 1] == "default-eps.safetensors"
+    assert command[command.index("--checkpoint") + 1] == "out/eps/default-eps.ckpt"
     printed = capsys.readouterr().out
     assert "| gmm-image-eps (left out) | without-gmm-image-eps | 5 | karras |" in printed
     assert "| gmm-image-eps (left out) | without-gmm-image-eps | 8 | consistency_solver |" in printed

@@ -52,6 +52,14 @@ def family_beds(family: str) -> tuple[list[str], list[str]]:
     return [name for name in beds if name not in GMM_BEDS], [name for name in beds if name in GMM_BEDS]
 
 
+def typed(path: Path) -> str:
+    """``path`` as a user types it: relative to the current folder when it lies inside it, else absolute. The file
+    records the trainer's command line, so run from the repository root, the shipped default's metadata holds a
+    command that remakes it there (``--output solver/bundled/...``), not this machine's absolute paths."""
+    path = path.absolute()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
 def train(beds: list[str], recipe: str, output: Path, work: Path) -> None:
     """The trainer's command line on ``beds`` with ``recipe``, writing ``output`` (its report and checkpoint under
     ``work``)."""
@@ -62,11 +70,11 @@ def train(beds: list[str], recipe: str, output: Path, work: Path) -> None:
         "1",
         "--no-progress",
         "--output",
-        str(output),
+        typed(output),
         "--checkpoint",
-        str(work / f"{output.stem}.ckpt"),
+        typed(work / f"{output.stem}.ckpt"),
         "--report-dir",
-        str(work / output.stem),
+        typed(work / output.stem),
     ]
     cli.main(argv)
 
