@@ -5,10 +5,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-pip_install() { .venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+# pipefail makes pip's own failure the function's; the grep only drops a harmless warning.
+pip_install() {
+  .venv/bin/python -m pip install -q --no-cache-dir --disable-pip-version-check "$@" 2>&1 |
+    { grep -v "^WARNING: Location" || true; }
+}
 # The exact pins matter: any other torch release is a multi-GB download on the project's machines.
-.venv/bin/python -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1')" 2>/dev/null ||
+if ! .venv/bin/python -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1')" 2>/dev/null; then
+  free_gb=$(df -Pk .venv | awk 'NR == 2 { print int($4 / 1048576) }')
+  if [ "$free_gb" -lt 8 ]; then
+    echo "Free at least 8 GB on the disk holding $PWD and run this again: torch 2.14.1 with torchvision takes about" \
+      "6 GB in .venv, and only $free_gb GB is free." >&2
+    exit 1
+  fi
   pip_install torch==2.14.1 torchvision==0.29.1
+fi
 pip_install -e '.[dev]'
 .venv/bin/python -c "import consistency_solver.solver" # fail here, not in the first test, if the install is broken
 
