@@ -83,6 +83,26 @@ def open_pack_templates(page):
     return dialog
 
 
+def open_example(page, name, attempts=3):
+    """Click the example's card in the template browser until its workflow is the active one. Once in a clean-clone
+    CI run a click opened nothing for 30 s; the frontend's ``loadWorkflowTemplate`` silently ignores a card clicked
+    before its template list has loaded, and logs a failed fetch only to the console. So a click that opened nothing
+    in 10 s is repeated, and each such miss leaves a screenshot for the next look."""
+    for attempt in range(attempts):
+        dialog = open_pack_templates(page)
+        dialog.locator(".template-card").filter(has=page.page.locator("h3", has_text=name)).first.click()
+        try:
+            page.page.wait_for_function(
+                "name => app.extensionManager.workflow.activeWorkflow?.filename === name", arg=name, timeout=10_000
+            )
+            return
+        except PlaywrightTimeout:
+            shoot(page, f"open-missed {name} {attempt + 1}")
+            page.page.keyboard.press("Escape")
+    active = page.evaluate("() => app.extensionManager.workflow.activeWorkflow?.filename ?? null")
+    pytest.fail(f"{name}: {attempts} clicks on its template card did not open it; the active workflow is {active!r}")
+
+
 def test_every_example_opens_from_the_template_browser(page):
     dialog = open_pack_templates(page)
     cards = dialog.locator(".template-card")
@@ -95,11 +115,7 @@ def test_every_example_opens_from_the_template_browser(page):
     dialog.wait_for(state="detached")
     for name in sorted(EXAMPLES):
         assert (EXAMPLES_DIR / f"{name}{THUMBNAIL_SUFFIX}").is_file(), f"no thumbnail for {name}"
-        dialog = open_pack_templates(page)
-        dialog.locator(".template-card").filter(has=page.page.locator("h3", has_text=name)).first.click()
-        page.page.wait_for_function(
-            "name => app.extensionManager.workflow.activeWorkflow?.filename === name", arg=name, timeout=30_000
-        )
+        open_example(page, name)
         page.page.wait_for_timeout(500)  # time for a missing-node dialog to show
         visible_dialogs = page.page.locator(".p-dialog:visible")
         assert visible_dialogs.count() == 0, f"{name}: {visible_dialogs.all_inner_texts()}"
