@@ -1,7 +1,8 @@
 """ConsistencySolver in pure torch: the sampler, coefficient sources and the coefficient file format."""
 
 from .coefficients import PRESET_NAMES, CoefficientSource, Preset, TableCoefficients, adams_bashforth_weights
-from .errors import InvalidWeights, UnknownChoice, UntrainedStepCount, check_choice, format_steps
+from .equivalent import equivalent_table
+from .errors import InvalidWeights, NotLinearMultistep, UnknownChoice, UntrainedStepCount, check_choice, format_steps
 from .files import CoefficientFileError, load_coefficients, model_kind, save_coefficients
 from .policy import ConsistencyPolicy, PolicyCoefficients, actions_to_weights, active_action_mask
 from .sampling import coefficient_table, sample_consistency_solver, to_d
@@ -14,6 +15,7 @@ __all__ = [
     "CoefficientFileError",
     "CoefficientSource",
     "InvalidWeights",
+    "NotLinearMultistep",
     "UnknownChoice",
     "UntrainedStepCount",
     "ConsistencyPolicy",
@@ -26,6 +28,7 @@ __all__ = [
     "adams_bashforth_weights",
     "check_choice",
     "coefficient_table",
+    "equivalent_table",
     "format_steps",
     "load_coefficients",
     "model_kind",

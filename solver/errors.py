@@ -49,3 +49,15 @@ class InvalidWeights(ValueError):
     def __init__(self, problem: str):
         self.problem = problem
         super().__init__(f"unusable coefficient table: {problem}")
+
+
+class NotLinearMultistep(ValueError):
+    """A sampler that no weight table reproduces (``problem`` says why): it must call the model once a step and
+    combine the derivatives linearly, without noise (``solver.equivalent.equivalent_table``)."""
+
+    def __init__(self, problem: str):
+        self.problem = problem
+        super().__init__(
+            f"use a deterministic sampler that calls the model once a step (euler, dpmpp_2m, deis, ipndm, uni_pc, "
+            f"res_multistep): this one is not a linear multistep method, {problem}"
+        )
