@@ -1,7 +1,7 @@
 """The weight table of a stock linear sampler: ConsistencySolver's family contains ComfyUI's multistep samplers.
 
-A sampler that calls the model once a step, combines its outputs linearly and is exact when the denoised estimate
-is constant (euler, dpmpp_2m, deis, ipndm(_v), uni_pc(_bh2), res_multistep) lands on
+A sampler that calls the model once a step, combines its outputs linearly and does not move where every derivative is
+0 (euler, dpmpp_2m, deis, ipndm(_v), uni_pc(_bh2), res_multistep) lands on
 ``x_{i+1} = x_i + (sigma_{i+1} - sigma_i) sum_k w_k(i) d_{i+1-k}`` for one full-history table w on its sigmas,
 its corrector and exponential integrator included. ``equivalent_table`` measures that table with a model that
 answers random vectors (so it costs no real model call) and refuses a sampler outside the family.
