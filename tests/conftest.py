@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+from fixtures.comfyui import missing_comfyui
 
 from consistency_solver.training.evaluation.references import REFERENCE_CACHE_VARIABLE
+from consistency_solver.training.evaluation.stock_samplers import comfy_unavailable_reason
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -21,3 +23,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def comfy_samplers() -> None:
+    """ComfyUI's stock samplers are importable; else the test skips (fails in CI), saying how to get them."""
+    reason = comfy_unavailable_reason()
+    if reason is not None:
+        missing_comfyui(reason)

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from fixtures.comfyui import missing_comfyui
 
 from consistency_solver.solver.schedules import exponential_sigmas
 from consistency_solver.training.evaluation.references import held_out_seeds, seeded_batch
@@ -10,22 +9,13 @@ from consistency_solver.training.evaluation.stock_samplers import (
     BASELINE_SAMPLERS,
     STOCK_SAMPLERS,
     baseline_sampler,
-    comfy_unavailable_reason,
     sample_dpmpp_2m,
     stock_sampler,
     stock_sampler_sigmas,
 )
 from consistency_solver.training.testbeds import get_testbed
 
-
-@pytest.fixture
-def comfyui() -> None:
-    reason = comfy_unavailable_reason()
-    if reason is not None:
-        missing_comfyui(reason)
-
-
-needs_comfy = pytest.mark.usefixtures("comfyui")
+needs_comfy = pytest.mark.usefixtures("comfy_samplers")
 
 torch.set_num_threads(1)  # the cores are shared; one thread is faster than two contended ones
 

@@ -4,14 +4,12 @@ from functools import partial
 
 import pytest
 import torch
-from fixtures.comfyui import missing_comfyui
 
 from consistency_solver.solver import Preset, TableCoefficients, adams_bashforth_weights, sample_consistency_solver
 from consistency_solver.solver.equivalent import equivalent_table
 from consistency_solver.solver.errors import NotLinearMultistep
 from consistency_solver.training.evaluation.references import held_out_seeds, seeded_batch
 from consistency_solver.training.evaluation.stock_samplers import (
-    comfy_unavailable_reason,
     import_comfy,
     stock_sampler,
     stock_sampler_sigmas,
@@ -21,14 +19,7 @@ from consistency_solver.training.testbeds import get_testbed
 torch.set_num_threads(1)
 
 
-@pytest.fixture
-def comfyui() -> None:
-    reason = comfy_unavailable_reason()
-    if reason is not None:
-        missing_comfyui(reason)
-
-
-needs_comfy = pytest.mark.usefixtures("comfyui")
+needs_comfy = pytest.mark.usefixtures("comfy_samplers")
 
 
 def sample_with_table(table: torch.Tensor, model, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
