@@ -9,12 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from fixtures.comfyui import missing_comfyui
 from safetensors import safe_open
 
 from consistency_solver.solver import UnknownChoice
 from consistency_solver.solver.schedules import flow_sigmas
-from consistency_solver.training.evaluation import stock_samplers
 from consistency_solver.training.evaluation.benchmark import Quality
 from consistency_solver.training.testbeds import FASHION_BEDS, TESTBED_NAMES, get_testbed
 from consistency_solver.training.testbeds.base import EPS_SIGMA_MAX, EPS_SIGMA_MIN, FLOW_SHIFT, FLOW_SIGMA_MIN
@@ -214,11 +212,8 @@ def test_training_loss_is_zero_for_the_exact_network(architecture, parameterisat
     assert loss.item() < 1e-6
 
 
-@pytest.fixture(scope="module")
-def comfy_model_sampling():
-    reason = stock_samplers.comfy_unavailable_reason()
-    if reason is not None:
-        missing_comfyui(reason)
+@pytest.fixture
+def comfy_model_sampling(comfy_samplers):
     import comfy.model_sampling as model_sampling
 
     return model_sampling
