@@ -14,6 +14,10 @@ model_family        what it was trained for: ``any``, or ``<name>-eps`` / ``<nam
 trained_steps       comma-separated step counts it was trained on (a table: the counts it holds)
 time_features       policy only: the feature kind (see ``solver.time_features``)
 inference_mode      policy only: the deterministic read-out it was trained for, ``mode`` or ``expectation``
+last_step           policy only, optional: the step to sigma = 0, ``learned`` (the policy's row, as every other
+                    step; a file without the key) or ``denoised`` (the row [1, 0, ...], which returns the
+                    model's denoised estimate as every stock sampler's last step does). A table stores its
+                    last row as it is.
 bins, hidden        policy only: grid size and MLP width
 row_sums            table only: ``one`` (rows sum to 1) or ``free`` (rows sum to learned positive step
                     scales, see ``solver.coefficients``)
@@ -41,7 +45,7 @@ from safetensors import safe_open
 
 from .coefficients import ROW_SUMS, TableCoefficients, table_problem
 from .errors import UnknownChoice, check_choice
-from .policy import INFERENCE_MODES, ConsistencyPolicy, PolicyCoefficients
+from .policy import INFERENCE_MODES, LAST_STEPS, ConsistencyPolicy, PolicyCoefficients
 from .schedules import StepSchedule, validate_positions
 from .time_features import TIME_FEATURE_KINDS
 
@@ -60,6 +64,8 @@ _COMMON_KEYS = {
 }
 _POLICY_KEYS = _COMMON_KEYS | {"time_features", "bins", "hidden", "inference_mode"}
 _TABLE_KEYS = _COMMON_KEYS | {"row_sums"}
+# Keys a file may leave out, with the value it then means: files written before ``last_step`` existed are learned.
+_OPTIONAL_POLICY_KEYS = {"last_step": "learned"}
 POLICY_TENSORS = (
     "mlp.0.weight",
     "mlp.0.bias",
@@ -155,6 +161,7 @@ def save_coefficients(
             "trained_steps": ",".join(str(n) for n in sorted(coefficients.trained_steps)),
             "time_features": coefficients.time_features,
             "inference_mode": coefficients.mode,
+            "last_step": coefficients.last_step,
             "bins": str(policy.bins),
             "hidden": str(policy.hidden),
         }
@@ -218,8 +225,8 @@ def _stored_coefficients(tensors: dict[str, torch.Tensor], metadata: dict[str, s
         )
     kind = metadata.get("kind")
     _known("kind", kind, ("policy", "table"))
-    allowed = _POLICY_KEYS if kind == "policy" else _TABLE_KEYS
-    missing, unknown = sorted(allowed - metadata.keys()), sorted(metadata.keys() - allowed)
+    required, optional = (_POLICY_KEYS, _OPTIONAL_POLICY_KEYS.keys()) if kind == "policy" else (_TABLE_KEYS, set())
+    missing, unknown = sorted(required - metadata.keys()), sorted(metadata.keys() - required - optional)
     if missing or unknown:
         raise _Invalid(f"metadata keys missing {missing}, unknown {unknown}")
     if model_kind(metadata["model_family"]) not in MODEL_KINDS:
@@ -292,6 +299,8 @@ def _policy_from_file(stored: _StoredCoefficients, mode: str | None, allow_untra
     if set(tensors) != set(POLICY_TENSORS):
         raise _Invalid(f"policy tensors are {sorted(tensors)}, expected {sorted(POLICY_TENSORS)}")
     _known("inference_mode", metadata["inference_mode"], INFERENCE_MODES)
+    last_step = metadata.get("last_step", _OPTIONAL_POLICY_KEYS["last_step"])
+    _known("last_step", last_step, LAST_STEPS)
     _known("time_features", metadata["time_features"], TIME_FEATURE_KINDS)
     try:
         bins, hidden = int(metadata["bins"]), int(metadata["hidden"])
@@ -326,6 +335,7 @@ def _policy_from_file(stored: _StoredCoefficients, mode: str | None, allow_untra
         time_features=metadata["time_features"],
         trained_steps=stored.trained_steps,
         mode=mode or metadata["inference_mode"],
+        last_step=last_step,
         allow_untrained_steps=allow_untrained_steps,
         metadata=metadata,
         schedule=stored.schedule,

@@ -8,6 +8,10 @@ grid of ``bins`` values. An action vector ``a`` becomes weights by the paper's r
 with h = min(i + 1, order) derivatives available, so every row sums to 1 and actions of dimensions
 >= h-1 do not matter (they are masked in training). Inference is deterministic: the mode (argmax) or
 the expectation of each distribution, never a random draw.
+
+The step to sigma = 0 is either the policy's like any other (``last_step = "learned"``, the paper) or the row
+[1, 0, ...] (``"denoised"``): with d = (x - denoised) / sigma the step x + (0 - sigma) d lands on the model's
+denoised estimate, which is what every stock sampler's last step returns.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from .schedules import StepSchedule
 from .time_features import SigmaToTimestep, time_features
 
 INFERENCE_MODES = ("mode", "expectation")
+LAST_STEPS = ("learned", "denoised")
 
 
 def default_action_grids(order: int, bins: int) -> torch.Tensor:
@@ -95,6 +100,25 @@ def actions_to_weights(actions: torch.Tensor, history: torch.Tensor) -> torch.Te
     return torch.where(columns == history - 1, last, weights)
 
 
+def denoised_steps(sigmas: torch.Tensor, last_step: str) -> torch.Tensor:
+    """Which steps of a run take the row [1, 0, ...] under ``last_step`` (LAST_STEPS): with ``"denoised"`` the step
+    to sigma = 0 (not a zero-length ``0, 0`` after it), with ``"learned"`` none. Shape [steps], bool."""
+    check_choice("last step", last_step, LAST_STEPS)
+    if last_step == "learned":
+        return torch.zeros(len(sigmas) - 1, dtype=torch.bool)
+    sigmas = sigmas.detach().cpu()
+    return (sigmas[1:] == 0) & (sigmas[:-1] != 0)
+
+
+def with_last_step(weights: torch.Tensor, sigmas: torch.Tensor, last_step: str) -> torch.Tensor:
+    """``weights`` [..., steps, order] with the rows of ``denoised_steps`` set to [1, 0, ...]; the other rows (and
+    their gradients) are kept."""
+    denoised = torch.zeros_like(weights)
+    denoised[..., 0] = 1
+    rows = denoised_steps(sigmas, last_step).to(weights.device).unsqueeze(-1)
+    return torch.where(rows, denoised, weights)
+
+
 def active_action_mask(history: torch.Tensor, order: int) -> torch.Tensor:
     """Which action dimensions change the weights: dimension k is used iff k < h - 1. Shape [M, order-1]."""
     return torch.arange(order - 1).unsqueeze(0) < (history.unsqueeze(1) - 1)
@@ -108,6 +132,7 @@ class PolicyCoefficients:
     time_features: str
     trained_steps: tuple[int, ...]
     mode: str = "mode"
+    last_step: str = "learned"  # LAST_STEPS: the policy's row at the step to sigma = 0, or the denoised estimate
     allow_untrained_steps: bool = False
     metadata: dict[str, str] = field(default_factory=dict, compare=False)
     schedule: StepSchedule | None = None  # the schedule it was trained with, when learned jointly
@@ -115,6 +140,7 @@ class PolicyCoefficients:
 
     def __post_init__(self) -> None:
         check_choice("inference mode", self.mode, INFERENCE_MODES)
+        check_choice("last step", self.last_step, LAST_STEPS)
 
     @property
     def order(self) -> int:
@@ -129,4 +155,4 @@ class PolicyCoefficients:
         device = self.policy.action_values.device
         logits = self.policy(features.float().to(device))
         actions = self.policy.actions(logits, self.mode).to("cpu", torch.float64)
-        return actions_to_weights(actions, history_lengths(steps, self.order))
+        return with_last_step(actions_to_weights(actions, history_lengths(steps, self.order)), sigmas, self.last_step)

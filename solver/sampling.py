@@ -61,7 +61,8 @@ def sample_consistency_solver(
 
     A linear multistep step on dx/dsigma = d with per-step weights from ``coefficients`` (a preset, a
     policy or a table). Because ``model`` returns ``denoised``, the same rule serves EPS, V-prediction
-    and flow (CONST) models. The last step to sigma = 0 is a normal step (the blended x0 estimate).
+    and flow (CONST) models. The last step to sigma = 0 is a normal step (the blended x0 estimate); a row of
+    [1, 0, ...] there (a policy's ``last_step = "denoised"``) makes it the model's denoised estimate.
     A zero-length step (a repeated sigma, or ``0, 0`` at the end) moves nothing and calls no model: the
     derivative at its point is the one the next step evaluates (same x, same sigma), and enters the
     history once per step as the table expects. The history is kept and combined in float32 whatever

@@ -81,6 +81,34 @@ def test_policy_file_remembers_its_inference_mode(tmp_path):
     assert load_coefficients(path, mode="mode").mode == "mode"
 
 
+def test_a_policy_file_remembers_a_denoised_last_step(tmp_path):
+    path = tmp_path / "denoised.safetensors"
+    save_coefficients(path, dataclasses.replace(trained_policy(), last_step="denoised"), model_family="gmm-flow")
+    loaded = load_coefficients(path)
+    assert loaded.last_step == "denoised" and loaded.metadata["last_step"] == "denoised"
+    sigmas = karras_sigmas(8, 0.0292, 14.6146)
+    assert loaded.weights(sigmas)[-1].tolist() == [1.0, 0.0, 0.0, 0.0]
+    torch.testing.assert_close(loaded.weights(sigmas)[:-1], trained_policy().weights(sigmas)[:-1])
+
+
+def test_a_policy_file_from_before_last_step_loads_as_learned_with_the_same_weights(policy_file):
+    assert load_coefficients(policy_file).metadata["last_step"] == "learned"
+    old = load_coefficients(rewrite(policy_file, last_step=None))
+    assert old.last_step == "learned" and "last_step" not in old.metadata
+    sigmas = karras_sigmas(8, 0.0292, 14.6146)
+    torch.testing.assert_close(old.weights(sigmas), trained_policy().weights(sigmas))
+
+
+def test_an_unknown_last_step_is_refused_naming_the_choices_and_a_table_has_none(policy_file, tmp_path):
+    with pytest.raises(CoefficientFileError, match="unknown last_step 'euler'; choose one of learned, denoised.*Fix"):
+        load_coefficients(rewrite(policy_file, last_step="euler"))
+    table = tmp_path / "table.safetensors"
+    save_coefficients(table, two_step_table(), model_family="flow")
+    # A table stores its last row as it is: the key is not one of a table's.
+    with pytest.raises(CoefficientFileError, match=r"unknown \['last_step'\]"):
+        load_coefficients(rewrite(table, last_step="denoised"))
+
+
 def test_table_round_trip(tmp_path):
     path = tmp_path / "table.safetensors"
     save_coefficients(path, two_step_table(), model_family="flow")

@@ -1,5 +1,6 @@
 """The sampler and the coefficient sources, checked on a Gaussian data distribution with a closed-form ODE solution."""
 
+import dataclasses
 import math
 
 import pytest
@@ -342,3 +343,49 @@ def test_one_choice_check_with_one_wording():
     assert (error.value.what, error.value.value, error.value.choices) == ("preset", "ab9", ("ab2", "ab3"))
     with pytest.raises(UnknownChoice, match="unknown preset 'heun'"):
         Preset("heun")
+
+
+def shaped_policy(steps: int) -> PolicyCoefficients:
+    """A policy whose rows are far from Euler's, so a last row of [1, 0, ...] can only come from ``last_step``."""
+    policy = ConsistencyPolicy(order=4, bins=11, hidden=16)
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            parameter.normal_(0, 0.5, generator=torch.Generator().manual_seed(parameter.numel()))
+    return PolicyCoefficients(policy, "log_sigma", (steps,))
+
+
+def test_a_denoised_last_step_returns_the_models_denoised_estimate():
+    sigmas = karras_sigmas(6, 0.0292, 14.6146)
+    learned = shaped_policy(6)
+    denoised = dataclasses.replace(learned, last_step="denoised")
+    x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(8)) * float(sigmas[0])
+    learned_table, table = coefficient_table(learned, sigmas), coefficient_table(denoised, sigmas)
+    assert table[-1].tolist() == [1.0, 0.0, 0.0, 0.0] and learned_table[-1].tolist() != [1.0, 0.0, 0.0, 0.0]
+    assert torch.equal(table[:-1], learned_table[:-1])
+    for coefficients, ends_on_denoised in ((denoised, True), (learned, False)):
+        seen = []
+        out = sample(coefficients, sigmas, x, callback=seen.append)
+        # x + (0 - sigma) (x - denoised) / sigma: the denoised estimate up to float32 rounding of x.
+        assert torch.allclose(out, seen[-1]["denoised"], rtol=0, atol=1e-6) == ends_on_denoised
+
+
+def test_only_the_step_to_sigma_zero_is_set_to_the_denoised_estimate():
+    sigmas = karras_sigmas(6, 0.0292, 14.6146)
+    denoised = dataclasses.replace(shaped_policy(6), last_step="denoised")
+    partial = sigmas.clone()
+    partial[-1] = 0.01  # a run that stops short of sigma 0 (a first pass of a two-pass workflow)
+    learned = dataclasses.replace(denoised, last_step="learned")
+    assert torch.equal(denoised.weights(partial), learned.weights(partial))
+    # With sigmas ending in 0, 0 the row to 0 is the second to last; the zero-length step after it moves nothing.
+    doubled = dataclasses.replace(denoised, trained_steps=(7,))
+    table = doubled.weights(torch.cat([sigmas, sigmas.new_zeros(1)]))
+    assert table[-2].tolist() == [1.0, 0.0, 0.0, 0.0] and table[-1].tolist() != [1.0, 0.0, 0.0, 0.0]
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(9)) * float(sigmas[0])
+    seen = []
+    out = sample(doubled, torch.cat([sigmas, sigmas.new_zeros(1)]), x, callback=seen.append)
+    torch.testing.assert_close(out, seen[-1]["denoised"], rtol=0, atol=1e-6)
+
+
+def test_an_unknown_last_step_is_refused_naming_the_choices():
+    with pytest.raises(UnknownChoice, match="unknown last step 'euler'; choose one of learned, denoised"):
+        dataclasses.replace(shaped_policy(6), last_step="euler")

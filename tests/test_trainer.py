@@ -42,7 +42,14 @@ from consistency_solver.training.trainer.ppo import (
     log_probs_and_entropy,
 )
 from consistency_solver.training.trainer.rewards import make_reward
-from consistency_solver.training.trainer.rollout import indices_to_weights, sample_action_indices, unroll
+from consistency_solver.training.trainer.rollout import (
+    active_actions,
+    expected_weights,
+    indices_to_weights,
+    sample_action_indices,
+    step_features,
+    unroll,
+)
 from consistency_solver.training.trainer.schedule import LearnedSchedule
 
 BED = "gmm-vector-eps"
@@ -93,9 +100,10 @@ def test_inactive_dimensions_change_neither_log_probs_nor_entropy_term():
     ]
     assert float(losses[0]) == pytest.approx(float(losses[1]))
     # ... and the inactive dimensions do not change the weights either.
+    sigmas = torch.linspace(1, 0, steps + 1)
     assert torch.equal(
-        indices_to_weights(ConsistencyPolicy(order, bins), indices),
-        indices_to_weights(ConsistencyPolicy(order, bins), changed_indices),
+        indices_to_weights(ConsistencyPolicy(order, bins), indices, sigmas, "learned"),
+        indices_to_weights(ConsistencyPolicy(order, bins), changed_indices, sigmas, "learned"),
     )
 
 
@@ -135,7 +143,38 @@ def test_indices_to_weights_apply_the_paper_rule():
     indices = torch.randint(5, (2, 6, 3), generator=torch.Generator().manual_seed(0))
     actions = policy.action_values.expand(2, 6, 3, 5).gather(-1, indices.unsqueeze(-1)).squeeze(-1).double()
     expected = actions_to_weights(actions.reshape(12, 3), history_lengths(6, 4).repeat(2)).reshape(2, 6, 4)
-    assert torch.allclose(indices_to_weights(policy, indices), expected)
+    assert torch.allclose(indices_to_weights(policy, indices, torch.linspace(1, 0, 7), "learned"), expected)
+
+
+def test_a_denoised_last_step_is_the_row_1_0_0_0_whose_actions_change_nothing():
+    policy, steps = build_policy(TrainConfig(bins=5)), 6
+    with torch.no_grad():
+        policy.mlp[4].bias.normal_(0, 1, generator=torch.Generator().manual_seed(0))
+    sigmas = torch.linspace(1, 0, steps + 1)
+    features = step_features(sigmas, "log_sigma")
+    indices = torch.randint(5, (3, steps, 3), generator=torch.Generator().manual_seed(1))
+    learned = indices_to_weights(policy, indices, sigmas, "learned")
+    denoised = indices_to_weights(policy, indices, sigmas, "denoised")
+    assert (denoised[:, -1] == torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=denoised.dtype)).all()
+    assert torch.equal(denoised[:, :-1], learned[:, :-1]) and not torch.equal(denoised[:, -1], learned[:, -1])
+    # PPO: the last step's actions enter neither the log-probabilities nor the decisions of the clipped loss.
+    active = active_actions(policy.order, sigmas, "denoised")
+    assert not active[-1].any() and torch.equal(active[:-1], active_actions(policy.order, sigmas, "learned")[:-1])
+    changed = indices.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % 5
+    logits = policy(features)
+    assert torch.equal(
+        log_probs_and_entropy(logits, indices, active)[0], log_probs_and_entropy(logits, changed, active)[0]
+    )
+    assert torch.equal(indices_to_weights(policy, changed, sigmas, "denoised"), denoised)
+    # The direct mode: the last row carries no gradient, the others do.
+    expected = expected_weights(policy, features, sigmas, "denoised")
+    assert expected[-1].tolist() == [1.0, 0.0, 0.0, 0.0]
+    (last,) = torch.autograd.grad(expected[-1].sum(), policy.mlp[4].bias, allow_unused=True, materialize_grads=True)
+    assert not last.any() and expected[:-1].requires_grad
+    # A run that stops short of sigma 0 keeps every row the policy gives.
+    partial = torch.linspace(1, 0.1, steps + 1)
+    assert torch.equal(indices_to_weights(policy, indices, partial, "denoised"), learned)
 
 
 @pytest.mark.parametrize(
@@ -228,11 +267,28 @@ def test_cli_writes_a_coefficient_file_with_full_metadata_and_a_report(tmp_path)
         ({"form": "mlp"}, "unknown form"),
         ({"mode": "direct", "row_sums": "free"}, "use --form table with --row-sums free"),
         ({"mode": "direct", "form": "table", "row_sums": "loose"}, "unknown row sums"),
+        ({"mode": "direct", "form": "table", "last_step": "denoised"}, "use --form policy with --last-step denoised"),
+        ({"last_step": "euler"}, "unknown last step 'euler'; choose one of learned, denoised"),
     ],
 )
 def test_config_refuses_combinations_that_cannot_train(options, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**options)
+
+
+@pytest.mark.parametrize("mode", ["ppo", "direct"])
+def test_the_last_step_option_reaches_the_file(tmp_path, mode):
+    output = tmp_path / "denoised.safetensors"
+    argv = [
+        "--bed", BED, "--mode", mode, "--steps", "4", "--updates", "1", "--batch", "2", "--groups", "2",
+        "--train-count", "8", "--held-out-count", "8", "--references-dir", str(tmp_path / "refs"),
+        "--output", str(output), "--no-progress", "--last-step", "denoised",
+    ]  # fmt: skip
+    main(argv)
+    loaded = load_coefficients(output)
+    assert loaded.last_step == "denoised" and loaded.metadata["last_step"] == "denoised"
+    assert "--last-step denoised" in json.loads(loaded.metadata["training"])["command"]
+    assert loaded.weights(get_testbed(BED).sigmas(4))[-1].tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
 def test_cli_names_the_fix_for_ppo_with_a_learned_schedule(tmp_path):

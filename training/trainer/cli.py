@@ -32,6 +32,7 @@ import torch
 from ...solver import format_steps, save_coefficients
 from ...solver.coefficients import ROW_SUMS
 from ...solver.files import model_kind
+from ...solver.policy import LAST_STEPS
 from ..evaluation.calibrated import (
     CALIBRATED,
     calibrate_bed,
@@ -182,6 +183,13 @@ def parser() -> argparse.ArgumentParser:
         help="one: every step's weights sum to 1 (the paper); free (table form): each step also learns a positive "
         "step scale, which halves the 5-step error on the mixtures (not first-order consistent)",
     )
+    method.add_argument(
+        "--last-step",
+        choices=LAST_STEPS,
+        default="learned",
+        help="learned: the policy weighs the step to sigma 0 like any other (the paper); denoised (policy form): that "
+        "step returns the model's denoised estimate, as every stock sampler's last step does",
+    )
 
     data = p.add_argument_group("references and reward")
     data.add_argument("--reward", choices=REWARD_NAMES, default="rmse")
@@ -257,6 +265,7 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
         form=args.form,
         lr_schedule=args.lr_schedule,
         row_sums=args.row_sums,
+        last_step=args.last_step,
     )
 
 

@@ -21,15 +21,23 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ...solver import ConsistencyPolicy, PolicyCoefficients, active_action_mask, check_choice
-from ...solver.coefficients import ROW_SUMS, CoefficientSource, history_lengths
+from ...solver import ConsistencyPolicy, PolicyCoefficients, check_choice
+from ...solver.coefficients import ROW_SUMS, CoefficientSource
+from ...solver.policy import LAST_STEPS
 from ..evaluation.evaluator import Sampler, preview_rmse, solver_sampler
 from ..testbeds import GMMTestBed, run_sigmas
 from . import distributed
 from .direct import direct_loss
 from .ppo import Group, PPOSettings, group_advantages, group_loss, log_probs_and_entropy
 from .rewards import Reward
-from .rollout import expected_weights, indices_to_weights, sample_action_indices, step_features, unroll
+from .rollout import (
+    active_actions,
+    expected_weights,
+    indices_to_weights,
+    sample_action_indices,
+    step_features,
+    unroll,
+)
 from .schedule import LearnedSchedule
 from .table import WeightTable
 
@@ -116,6 +124,7 @@ class TrainConfig:
     form: str = "policy"
     lr_schedule: str = "constant"  # or "cosine": decay to 0 over the run, so a late noisy step cannot undo it
     row_sums: str = "one"
+    last_step: str = "learned"  # LAST_STEPS: the policy's row at the step to sigma = 0, or the denoised estimate
 
     def __post_init__(self) -> None:
         check_choice("mode", self.mode, MODES)
@@ -123,6 +132,12 @@ class TrainConfig:
         check_choice("lr schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("form", self.form, FORMS)
         check_choice("row sums", self.row_sums, ROW_SUMS)
+        check_choice("last step", self.last_step, LAST_STEPS)
+        if self.last_step != "learned" and self.form != "policy":
+            raise ValueError(
+                "a weight table learns every row, the last one too (a denoised last step is a setting of the "
+                "policy); use --form policy with --last-step denoised"
+            )
         if self.row_sums == "free" and self.form != "table":
             raise ValueError(
                 "free row sums are learned per step of a weight table (the paper's policy keeps rows summing to 1); "
@@ -273,6 +288,7 @@ def coefficients(
         time_features=config.time_features,
         trained_steps=tuple(sorted(config.steps)),
         mode=INFERENCE_MODE[config.mode],
+        last_step=config.last_step,
         schedule=exported,
     )
 
@@ -329,13 +345,14 @@ def roll_out_group(
     with torch.no_grad():
         logits = policy(features)
         indices = sample_action_indices(logits, rollouts, generator(config.seed, update, plan.key))
-        active = active_action_mask(history_lengths(plan.steps, policy.order), policy.order)
+        active = active_actions(policy.order, sigmas, config.last_step)
         old_log_probs, _ = log_probs_and_entropy(logits, indices, active)
         noise, labels, final = problem.train.take(torch.tensor(plan.samples))
         repeat = (rollouts,) + (1,) * (noise.dim() - 1)
         labels = None if labels is None else labels.repeat(rollouts)
         x = problem.bed.initial_state(noise.repeat(repeat), sigmas)
-        previews = unroll(problem.bed.model(labels), x, sigmas, indices_to_weights(policy, indices))
+        weights = indices_to_weights(policy, indices, sigmas, config.last_step)
+        previews = unroll(problem.bed.model(labels), x, sigmas, weights)
         rewards = problem.reward(previews, final.to(previews.device, previews.dtype).expand_as(previews)).double()
     advantages = group_advantages(rewards, config.ppo.std_floor).float()
     return Group(features, indices, active, old_log_probs, advantages, rewards)
@@ -373,9 +390,8 @@ def direct_update(state: TrainState, problems: list[Problem], plans: list[GroupP
         if isinstance(state.policy, WeightTable):
             weights = state.policy.weights(plan.steps)
         else:
-            weights = expected_weights(
-                state.policy, step_features(sigmas, config.time_features, problem.sigma_to_timestep)
-            )
+            features = step_features(sigmas, config.time_features, problem.sigma_to_timestep)
+            weights = expected_weights(state.policy, features, sigmas, config.last_step)
         noise, labels, finals = problem.train.take(torch.tensor(distributed.shard(list(plan.samples))))
         loss, rewards = direct_loss(
             weights,

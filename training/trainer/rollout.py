@@ -4,6 +4,9 @@ The solver core (``solver.sample_consistency_solver``) uses one weight table for
 runs without gradients, as an inference sampler should. Training needs two more things: a different
 table per rollout (PPO samples actions per rollout) and a graph through the weights (the direct
 mode). The update is the same one: x_{i+1} = x_i + (sigma_{i+1} - sigma_i) sum_k w_k(i) d_{i+1-k}.
+With ``last_step = "denoised"`` the step to sigma = 0 takes the row [1, 0, ...] as the inference sampler does
+(``solver.policy.with_last_step``): that step's actions change nothing, so they carry no gradient and, in PPO, enter
+neither the log-probabilities nor the entropy bonus (``active_actions``).
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ...solver import ConsistencyPolicy, actions_to_weights, time_features, to_d
+from ...solver import ConsistencyPolicy, actions_to_weights, active_action_mask, time_features, to_d
 from ...solver.coefficients import history_lengths
+from ...solver.policy import denoised_steps, with_last_step
 
 
 def unroll(
@@ -59,10 +63,13 @@ def step_features(sigmas: torch.Tensor, kind: str, sigma_to_timestep: Callable |
     return time_features(sigmas, kind, sigma_to_timestep).float()
 
 
-def expected_weights(policy: ConsistencyPolicy, features: torch.Tensor) -> torch.Tensor:
-    """[steps, order] weights from the policy's expected actions: differentiable in the policy's parameters."""
+def expected_weights(
+    policy: ConsistencyPolicy, features: torch.Tensor, sigmas: torch.Tensor, last_step: str
+) -> torch.Tensor:
+    """[steps, order] weights of the run on ``sigmas`` from the policy's expected actions (the step to sigma = 0 as
+    ``last_step`` says): differentiable in the policy's parameters."""
     actions = policy.actions(policy(features), mode="expectation")
-    return actions_to_weights(actions, history_lengths(len(features), policy.order))
+    return with_last_step(actions_to_weights(actions, history_lengths(len(features), policy.order)), sigmas, last_step)
 
 
 def sample_action_indices(logits: torch.Tensor, rollouts: int, generator: torch.Generator) -> torch.Tensor:
@@ -72,10 +79,21 @@ def sample_action_indices(logits: torch.Tensor, rollouts: int, generator: torch.
     return draws.T.reshape(rollouts, *logits.shape[:-1])
 
 
-def indices_to_weights(policy: ConsistencyPolicy, indices: torch.Tensor) -> torch.Tensor:
-    """Grid indices [rollouts, steps, dims] -> weights [rollouts, steps, order] by the paper's rule."""
+def indices_to_weights(
+    policy: ConsistencyPolicy, indices: torch.Tensor, sigmas: torch.Tensor, last_step: str
+) -> torch.Tensor:
+    """Grid indices [rollouts, steps, dims] -> weights [rollouts, steps, order] of the run on ``sigmas`` by the
+    paper's rule (the step to sigma = 0 as ``last_step`` says)."""
     rollouts, steps, dims = indices.shape
     grids = policy.action_values.detach().to(torch.float64)
     actions = grids.expand(rollouts, steps, dims, -1).gather(-1, indices.unsqueeze(-1)).squeeze(-1)
     history = history_lengths(steps, policy.order).repeat(rollouts)
-    return actions_to_weights(actions.reshape(rollouts * steps, dims), history).reshape(rollouts, steps, dims + 1)
+    weights = actions_to_weights(actions.reshape(rollouts * steps, dims), history).reshape(rollouts, steps, dims + 1)
+    return with_last_step(weights, sigmas, last_step)
+
+
+def active_actions(order: int, sigmas: torch.Tensor, last_step: str) -> torch.Tensor:
+    """Which action dimensions of the run on ``sigmas`` change its weights, [steps, order-1]: those the history
+    uses, on every step but one that ``last_step`` sets to the denoised estimate."""
+    steps = len(sigmas) - 1
+    return active_action_mask(history_lengths(steps, order), order) & ~denoised_steps(sigmas, last_step).unsqueeze(1)
