@@ -7,6 +7,7 @@ import pytest
 from safetensors import safe_open
 
 from consistency_solver.solver import load_coefficients
+from consistency_solver.solver.defaults import BUNDLED_DIR
 from consistency_solver.training.trainer import leave_one_out
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,3 +72,16 @@ def test_a_bed_left_out_passes_on_one_schedule_when_both_ratios_hold_at_5_and_8_
     assert leave_one_out.verdict("bed", result, "file", left_out=False).schedules == ("karras",)
     result.rows["file on karras"][5] = (0.12,)  # 1.09x uni_pc at 5 steps: a mixture needs 1.0x
     assert leave_one_out.verdict("bed", result, "file", left_out=False).schedules == ()
+
+
+@pytest.mark.parametrize("family", leave_one_out.FAMILIES)
+def test_the_bundled_defaults_are_what_their_familys_recipe_makes(family):
+    loaded = load_coefficients(BUNDLED_DIR / f"default-{family}.safetensors")
+    command = shlex.split(json.loads(loaded.metadata["training"])["command"])
+    recipe = leave_one_out.RECIPES[family].split()
+    assert command[:3] == ["python", "-m", "consistency_solver.training"] and command[3 : 3 + len(recipe)] == recipe
+    learned, mixtures = leave_one_out.family_beds(family)
+    assert [command[i + 1] for i, flag in enumerate(command) if flag == "--bed"] == [*learned, *mixtures]
+    assert command[command.index("--output") + 1] == f"solver/bundled/default-{family}.safetensors"
+    # The recipe's last step is the file's (a file without the key is "learned").
+    assert loaded.last_step == (recipe[recipe.index("--last-step") + 1] if "--last-step" in recipe else "learned")
