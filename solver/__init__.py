@@ -3,7 +3,7 @@
 from .coefficients import PRESET_NAMES, CoefficientSource, Preset, TableCoefficients, adams_bashforth_weights
 from .equivalent import equivalent_table
 from .errors import InvalidWeights, NotLinearMultistep, UnknownChoice, UntrainedStepCount, check_choice, format_steps
-from .files import CoefficientFileError, load_coefficients, model_kind, save_coefficients
+from .files import CoefficientFileError, load_coefficients, model_kind, read_metadata, save_coefficients
 from .policy import ConsistencyPolicy, PolicyCoefficients, actions_to_weights, active_action_mask
 from .sampling import coefficient_table, sample_consistency_solver, to_d
 from .schedules import StepSchedule
@@ -32,6 +32,7 @@ __all__ = [
     "format_steps",
     "load_coefficients",
     "model_kind",
+    "read_metadata",
     "sample_consistency_solver",
     "save_coefficients",
     "time_features",
