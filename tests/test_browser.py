@@ -2,8 +2,10 @@
 
 It opens every example workflow from the template browser, finds the pack's nodes in the node search, runs the
 preview -> approve -> refine loop with a Diffusion Preview added from the search (whose seed control the frontend
-sets to 'randomize'), and shows KSampler's error at an untrained step count. Screenshots of every step go to
-outputs/browser/. Locally the module skips when Chromium or playwright is missing; in CI (CI=true) it fails.
+sets to 'randomize'), picks two of four previews by clicking them on the Diffusion Preview (the Refine renders exactly
+those), and shows KSampler's error at an untrained step count. Screenshots of every step go to outputs/browser/
+(pick-previews.png is docs/images/pick-previews.png). Locally the module skips when Chromium or playwright is
+missing; in CI (CI=true) it fails.
 """
 
 import json
