@@ -22,6 +22,7 @@ import comfy.utils
 import folder_paths
 import latent_preview
 import torch
+from comfy_api.latest import ui
 
 from ..solver import CoefficientFileError, check_choice, coefficient_table
 from ..solver import sample_consistency_solver as solver_sample
@@ -58,6 +59,7 @@ from .preview_state import (
 )
 
 SAMPLER_NAME = "consistency_solver"
+PICKS_UI_KEY = "diffusion_preview"  # the pick grid's captions in Diffusion Preview's UI output (web/pick_previews.js)
 _BY_NAME = CoefficientSelection()  # what KSampler's sampler list gets: auto, stored mode, trained steps only
 # KSampler's own step counting, which the by-name scheduler cannot see; named when a step count is refused.
 _ONE_MORE_STEP = tuple(sorted(comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS))
@@ -317,6 +319,18 @@ def run_preview(
         coefficients=selection.choice,
     )
     return preview, state
+
+
+def preview_images(vae: Any, preview: dict[str, Any], state: PreviewState) -> dict[str, list]:
+    """What Diffusion Preview shows on its node: the previews decoded as VAE Decode does and saved as Preview Image
+    does (temporary files), and under PICKS_UI_KEY the seed and batch size that caption them in the pick grid
+    (web/pick_previews.js). Reads the preview; neither it nor the state changes, and the model is not called."""
+    images = vae.decode(preview["samples"])
+    if images.ndim == 5:  # a video VAE's frames, flattened as VAE Decode flattens them
+        images = images.reshape(-1, *images.shape[-3:])
+    shown = ui.PreviewImage(images).as_dict()
+    shown[PICKS_UI_KEY] = [{"seed": state.seed, "batch_size": state.batch_size}]
+    return shown
 
 
 def run_refine(model: Any, positive: Any, negative: Any, state: PreviewState, request: RefineRequest) -> dict[str, Any]:
