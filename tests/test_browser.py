@@ -603,8 +603,16 @@ def test_the_grid_reads_select_as_the_refine_does(page):
         assert parsed["all"] == (text.strip().lower() == "all"), (text, parsed)
 
 
-CALIBRATE = {"cfg": 3.0, "preview_steps": "5,8", "refine_sampler": "dpmpp_2m", "refine_scheduler": "karras",
-             "refine_steps": 12, "budget": 1000, "file_name": "auto", "recalibrate_for_each_prompt": False}
+CALIBRATE = {
+    "cfg": 3.0,
+    "preview_steps": "5,8",
+    "refine_sampler": "dpmpp_2m",
+    "refine_scheduler": "karras",
+    "refine_steps": 12,
+    "budget": 1000,
+    "file_name": "auto",
+    "recalibrate_for_each_prompt": False,
+}
 REPORT_BOX = "$$calibration_report"  # web/calibration_report.js
 LISTEN_PROGRESS = """() => {
     window.__calibrationProgress = []

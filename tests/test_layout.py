@@ -1,5 +1,6 @@
-"""The pack's rooms import one way, with no cycles, lazy imports included: the runtime that ComfyUI loads (the root
-``__init__.py``, ``nodes/``, ``solver/`` and the calibrator's ``calibration/``) never imports the lab (``training/``)."""
+"""The pack's rooms import one way, with no cycles, lazy imports included: the runtime that ComfyUI loads (the
+root ``__init__.py``, ``nodes/``, ``solver/``, the calibrator's ``calibration/``) never imports the lab
+(``training/``)."""
 
 import ast
 from graphlib import TopologicalSorter
