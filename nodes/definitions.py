@@ -122,7 +122,18 @@ class ConsistencySolverCoefficients:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {"required": _selection_widgets()}
+        return {
+            "required": _selection_widgets(),
+            "optional": {
+                "model": (
+                    "MODEL",
+                    {
+                        "tooltip": "Optional: the model the coefficients are for. Connected, the node shows which file "
+                        "'auto' uses for it (the file calibrated for this model, or the pack's default)."
+                    },
+                )  # fmt: skip
+            },
+        }
 
     @classmethod
     def IS_CHANGED(cls, coefficients: str, **_: Any) -> str:
@@ -130,8 +141,12 @@ class ConsistencySolverCoefficients:
 
     VALIDATE_INPUTS = classmethod(_validate_coefficients)
 
-    def load(self, coefficients: str, inference_mode: str, allow_untrained_steps: bool) -> tuple[CoefficientSelection]:
-        return (_selection(coefficients, inference_mode, allow_untrained_steps, None),)
+    def load(
+        self, coefficients: str, inference_mode: str, allow_untrained_steps: bool, model: Any = None
+    ) -> dict[str, Any]:
+        selection = _selection(coefficients, inference_mode, allow_untrained_steps, None)
+        shown = [] if model is None else [_runtime().describe_for(model, selection)]
+        return {"ui": {"text": shown}, "result": (selection,)}
 
 
 class SamplerConsistencySolver:

@@ -148,6 +148,19 @@ def calibrated_file(model: Any, kind: str, steps: int | None) -> str | None:
     return calibrated
 
 
+def describe_for(model: Any, selection: CoefficientSelection) -> str:
+    """What a selection means for ``model``: for ``auto``, which file it uses (for any step count) and why."""
+    if selection.choice != AUTO:
+        return f"uses {selection.choice}"
+    kind = sampling_kind(model.get_model_object("model_sampling"))
+    calibrated = calibrated_file(model, kind, None)
+    if calibrated is None:
+        return (
+            f"auto uses the pack's default {default_coefficient_path(kind).name}: no file is calibrated for this model"
+        )
+    return f"auto uses {os.path.basename(calibrated)}, calibrated for this model (the default for step counts it lacks)"
+
+
 def resolved(
     place: str, model_sampling: Any, selection: CoefficientSelection, model: Any = None, **settings: Any
 ) -> Run:

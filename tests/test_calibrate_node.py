@@ -21,7 +21,11 @@ from consistency_solver.calibration import CALIBRATOR_REVISION  # noqa: E402
 from consistency_solver.nodes import calibrate as calibrate_node  # noqa: E402
 from consistency_solver.nodes import register  # noqa: E402
 from consistency_solver.nodes.calibrate import ConsistencySolverCalibrate  # noqa: E402
-from consistency_solver.nodes.definitions import DiffusionPreview, SamplerConsistencySolver  # noqa: E402
+from consistency_solver.nodes.definitions import (  # noqa: E402
+    ConsistencySolverCoefficients,
+    DiffusionPreview,
+    SamplerConsistencySolver,
+)
 from consistency_solver.solver import load_coefficients  # noqa: E402
 from consistency_solver.solver.defaults import BUNDLED_DIR  # noqa: E402
 
@@ -209,6 +213,10 @@ def test_auto_everywhere_uses_the_file_calibrated_for_the_running_model(models_d
     assert not torch.equal(by_name(model), wired(model, "default-eps.safetensors"))
     other = tiny_models.tiny_unet_model("eps", seed=1)  # another checkpoint: its own calibration or the default
     torch.testing.assert_close(by_name(other), wired(other, "default-eps.safetensors"), rtol=0, atol=0)
+    shown = ConsistencySolverCoefficients().load("auto", "as stored in the file", False, model=model)["ui"]["text"]
+    assert shown == [f"auto uses {selection.choice}, calibrated for this model (the default for step counts it lacks)"]
+    shown = ConsistencySolverCoefficients().load("auto", "as stored in the file", False, model=other)["ui"]["text"]
+    assert shown == ["auto uses the pack's default default-eps.safetensors: no file is calibrated for this model"]
     # a count the calibrated file does not hold falls back to the default too
     five = nodes.KSampler().sample(model, 3, 5, 4.0, "consistency_solver", "karras", POSITIVE, NEGATIVE, latent)
     assert torch.isfinite(five[0]["samples"]).all()

@@ -163,7 +163,7 @@ def test_the_preview_shows_its_previews_only_when_a_vae_is_connected(live_lists,
 
 
 def test_loader_and_sampler_nodes_pass_the_selection_on():
-    (selection,) = definitions.ConsistencySolverCoefficients().load("ab3", "expectation", True)
+    (selection,) = definitions.ConsistencySolverCoefficients().load("ab3", "expectation", True)["result"]
     assert selection == CoefficientSelection("ab3", "expectation", True)
 
 
@@ -175,7 +175,7 @@ def test_choices_list_auto_then_files_then_presets_marked_untrained():
 def test_a_marked_preset_and_its_bare_name_of_older_workflows_choose_the_preset(live_lists):
     assert choice_from_widget("ab3 (untrained)") == choice_from_widget("ab3") == "ab3"
     assert choice_from_widget("mine.safetensors") == "mine.safetensors"
-    (selection,) = definitions.ConsistencySolverCoefficients().load("ab3 (untrained)", "expectation", True)
+    (selection,) = definitions.ConsistencySolverCoefficients().load("ab3 (untrained)", "expectation", True)["result"]
     assert selection == CoefficientSelection("ab3", "expectation", True)
     for node in (definitions.SamplerConsistencySolver, definitions.DiffusionPreview):
         for value in ("ab3", "ab3 (untrained)", "mine.safetensors", "auto"):
