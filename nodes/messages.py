@@ -157,28 +157,19 @@ def _steps_message(error: UntrainedStepCount, run: Run) -> str:
 
 
 def _set_steps(run: Run, why: str) -> str:
-    """What to set at a node with steps (and denoise) widgets: the step counts that run, or the denoise from
-    which some do, and a stock scheduler where that alone, or with trained step counts, fixes the run."""
+    """What to set at a node with steps (and denoise) widgets: the step counts that run, and a stock scheduler where
+    that alone, or with trained step counts, fixes the run; where no count runs at this denoise, raising it may."""
     stock = "use BasicScheduler" if run.place == SCHEDULER_NODE else "pick a stock scheduler"
     if run.source is None:
         return f"{stock} in {run.place}: {why}"
     counts = trained_step_counts(run.source) if run.place == PREVIEW else None
     runnable = runnable_steps(run.source, run.denoise, run.learned_schedule, counts is not None)
-    if runnable:
-        change = f"set steps to {format_steps(runnable)}"
-    else:
-        denoise = next(
-            (
-                d / 100
-                for d in range(1, 101)
-                if runnable_steps(run.source, d / 100, run.learned_schedule, counts is not None)
-            ),
-            None,
-        )
-        if denoise is None or denoise < run.denoise:
-            return f"{stock} in {run.place}: {why}"
-        at = format_steps(runnable_steps(run.source, denoise, run.learned_schedule, counts is not None))
-        change = f"raise denoise to at least {denoise:g} and set steps to {at}"
+    if not runnable:
+        stock_counts = counts is not None and run.steps not in counts
+        counts_too = f" and set steps to {format_steps(counts)}" if stock_counts else ""
+        higher = ", or raise denoise" if run.learned_schedule and run.denoise < 1 else ""
+        return f"{stock}{counts_too} in {run.place}{higher}: {why}"
+    change = f"set steps to {format_steps(runnable)}"
     if not run.learned_schedule or (counts is not None and list(counts) == runnable):
         return f"{change} in {run.place}: {why}"
     if counts is None or run.steps in counts:

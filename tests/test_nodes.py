@@ -447,9 +447,8 @@ def test_at_denoise_below_one_the_preview_names_the_counts_that_fit_both_the_wei
         "within 4-12."
     )
     too_low = run(PREVIEW, steps=3, denoise=0.3, learned_schedule=True, source=source)
-    assert user_message(error, too_low).startswith(  # int(4 / 0.31) = 12
-        "Raise denoise to at least 0.31 and set steps to 4 in Diffusion Preview, or pick a stock scheduler and set "
-        "steps to 4-12: "
+    assert user_message(error, too_low).startswith(  # no trained count n has int(n / 0.3) within 4-12
+        "Pick a stock scheduler and set steps to 4-12 in Diffusion Preview, or raise denoise: "
     )
     schedule_error = UntrainedStepCount("schedule", 14, range(4, 13))
     assert user_message(schedule_error, replace(at_half, steps=7)) == (  # 7 steps run on a stock schedule
