@@ -20,7 +20,7 @@ from .coefficients import (
     file_fingerprint,
     is_coefficient_choice,
 )
-from .messages import SAMPLER_NODE
+from .messages import PREVIEW, REFINE, SAMPLER_NODE, SCHEDULER_NODE, worded, worded_at
 from .preview_state import DEFAULT_REFINE_SAMPLER, SELECT_ALL, PreviewRequest, RefineRequest
 from .widgets import CATEGORY, COEFFICIENTS_TYPE, PREVIEW_STATE_TYPE, REFINE_SCHEDULER, SCHEDULER_CATEGORY, SEED_MAX
 
@@ -167,7 +167,9 @@ class SamplerConsistencySolver:
         self, coefficients: str, inference_mode: str, allow_untrained_steps: bool, loaded_coefficients: Any = None
     ) -> tuple[Any]:
         selection = _selection(coefficients, inference_mode, allow_untrained_steps, loaded_coefficients)
-        return (_runtime().consistency_sampler(selection, SAMPLER_NODE),)
+        sampler = _runtime().consistency_sampler(selection)
+        sampler.sampler_function = worded(SAMPLER_NODE, sampler.sampler_function)  # it runs in SamplerCustom
+        return (sampler,)
 
 
 class ConsistencySolverScheduler:
@@ -223,7 +225,8 @@ class ConsistencySolverScheduler:
         self, model: Any, steps: int, denoise: float, coefficients: str, loaded_coefficients: Any = None
     ) -> tuple[Any]:
         selection = _selection(coefficients, STORED_MODE, False, loaded_coefficients)
-        return (_runtime().scheduler_node_sigmas(model, steps, denoise, selection),)
+        with worded_at(SCHEDULER_NODE):
+            return (_runtime().scheduler_node_sigmas(model, steps, denoise, selection),)
 
 
 class DiffusionPreview:
@@ -334,7 +337,8 @@ class DiffusionPreview:
         selection = _selection(coefficients, STORED_MODE, False, loaded_coefficients)
         request = PreviewRequest(seed, steps, cfg, scheduler, denoise, selection)
         runtime = _runtime()
-        preview, state = runtime.run_preview(model, positive, negative, latent_image, request)
+        with worded_at(PREVIEW):
+            preview, state = runtime.run_preview(model, positive, negative, latent_image, request)
         if vae is None:
             return preview, state
         return {"ui": runtime.preview_images(vae, preview, state), "result": (preview, state)}
@@ -414,7 +418,8 @@ class DiffusionRefine:
             # Blocks everything downstream without an error; the preview stays cached for when it is approved.
             return (ExecutionBlocker(None),)
         request = RefineRequest(select, steps, cfg, scheduler, sampler)
-        return (_runtime().run_refine(model, positive, negative, preview_state, request),)
+        with worded_at(REFINE):
+            return (_runtime().run_refine(model, positive, negative, preview_state, request),)
 
 
 NODE_CLASS_MAPPINGS = {
