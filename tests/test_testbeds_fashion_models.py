@@ -23,6 +23,7 @@ from consistency_solver.training.testbeds.fashion import (
     FASHION_MODELS,
     FLOW_UNET_WEIGHTS,
     LATENT_EPS_UNET_WEIGHTS,
+    LATENT_FLOW_WEIGHTS,
     LATENT_SHAPE,
     V_UNET_WEIGHTS,
     VP_SCHEDULE,
@@ -49,6 +50,7 @@ SHIPPED_SHA256 = {
     LATENT_EPS_UNET_WEIGHTS.name: "7b34507d4bc4b904aeb0429f4623caeb529ab12c0c38af7d01b8a191075d614f",
     DIT_FLOW_WEIGHTS.name: "f2202e218032df22e89fb46484b23c674cc475f0a6c6b69cfede2e76ae44df20",
     DIT_EPS_WEIGHTS.name: "238d4a02a86263f80cbc8e4a1f0734184b6f80a55a7e171a498a25c510c565b6",
+    LATENT_FLOW_WEIGHTS.name: "7ae3d56d7bc160553e42c174f8d23b769f7df2883102d7968fc9657fc96b5634",
 }
 NEW_BEDS = ("fashion-flow-cfg", "fashion-v-cfg")
 # The beds of this file: (model family, architecture, parameterisation, latent).
@@ -58,6 +60,7 @@ DESCRIBED_BEDS = {
     "fashion-latent-eps-cfg": ("fashion-latent-eps", "unet", "eps", True),
     "fashion-dit-flow-cfg": ("fashion-dit-flow", "dit", "flow", True),
     "fashion-dit-eps-cfg": ("fashion-dit-eps", "small-dit", "eps", True),
+    "fashion-latent-flow-cfg": ("fashion-latent-flow", "attention-unet", "flow", True),
 }
 LATENT_BEDS = [name for name, (*_, latent) in DESCRIBED_BEDS.items() if latent]
 # (architecture, parameterisation, latent) of every bed network tested here.
@@ -287,6 +290,7 @@ SHIPPED_NETWORKS = {
     LATENT_EPS_UNET_WEIGHTS: ("unet", "eps", "latent"),
     DIT_FLOW_WEIGHTS: ("dit", "flow", "latent"),
     DIT_EPS_WEIGHTS: ("small-dit", "eps", "latent"),
+    LATENT_FLOW_WEIGHTS: ("attention-unet", "flow", "latent"),
 }
 
 

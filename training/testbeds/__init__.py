@@ -21,6 +21,7 @@ FASHION_BEDS = (
     "fashion-latent-eps-cfg",
     "fashion-dit-flow-cfg",
     "fashion-dit-eps-cfg",
+    "fashion-latent-flow-cfg",
 )
 TESTBED_NAMES = (*GMM_BEDS, *FASHION_BEDS)
 # The coefficient files trained on each bed: read by the benchmark and tests, kept out of solver/bundled/ so that
