@@ -1,5 +1,6 @@
-"""Fashion-MNIST test beds: small class-conditional denoisers (a UNet, and a DiT) trained in four parameterisations,
-on the images or on a fixed linear latent of them, and a feature classifier, each trained once and shipped.
+"""Fashion-MNIST test beds: small class-conditional denoisers (two UNet layouts and two DiT sizes) trained in four
+parameterisations, on the images or on a fixed linear latent of them, and a feature classifier, each trained once and
+shipped.
 
 The denoisers are trained by ``training/testbeds/train_networks.py`` and their EMA weights ship in
 ``training/testbeds/weights/``. Each parameterisation is a ComfyUI model type, and ``denoise`` returns x0 in its
@@ -12,11 +13,13 @@ model space (the latent, for a latent bed), so every sampler of the pack runs on
   the schedule is ``ModelSamplingDiscreteFlow`` with shift 3.
 - ``v`` (bed ``fashion-v-cfg``): ComfyUI V_PREDICTION (as SD2-768) on SD1.x's discrete 1000-step schedule: the
   network sees x / sqrt(sigma^2 + 1) and the nearest discrete timestep, and predicts v.
-- ``eps`` (bed ``fashion-latent-eps-cfg``): ComfyUI EPS on SD1.x's discrete schedule, as SD1.5: the same input and
-  timestep as ``v``, the network predicts eps, and denoised = x - sigma * eps.
+- ``eps`` (beds ``fashion-latent-eps-cfg`` and ``fashion-dit-eps-cfg``): ComfyUI EPS on SD1.x's discrete schedule, as
+  SD1.5: the same input and timestep as ``v``, the network predicts eps, and denoised = x - sigma * eps.
 
 The latent beds (``fashion-latent-eps-cfg``, the UNet; ``fashion-dit-flow-cfg``, a DiT in the ``flow``
-parameterisation) work, as latent diffusion models do, on a 4x14x14 latent that is not the image: ``encode_latent``
+parameterisation; ``fashion-dit-eps-cfg``, a smaller DiT as EPS, as PixArt-alpha; ``fashion-latent-flow-cfg``, a
+two-level UNet with attention at every 7x7 block, as a flow) work, as latent diffusion models do, on a 4x14x14 latent
+that is not the image: ``encode_latent``
 is a fixed invertible linear map (2x2 space-to-depth, a fixed orthogonal 4x4 channel mix, a per-channel shift and
 scale) and ``decode_latent`` its exact inverse. The classifier gives the label-agreement and Frechet metrics, on
 decoded images.
@@ -48,12 +51,17 @@ FLOW_UNET_WEIGHTS = WEIGHTS_DIR / "fashion_flow_unet.safetensors"
 V_UNET_WEIGHTS = WEIGHTS_DIR / "fashion_v_unet.safetensors"
 LATENT_EPS_UNET_WEIGHTS = WEIGHTS_DIR / "fashion_latent_eps_unet.safetensors"
 DIT_FLOW_WEIGHTS = WEIGHTS_DIR / "fashion_dit_flow.safetensors"
+DIT_EPS_WEIGHTS = WEIGHTS_DIR / "fashion_dit_eps.safetensors"
+LATENT_FLOW_WEIGHTS = WEIGHTS_DIR / "fashion_latent_flow.safetensors"
 CLASSIFIER_WEIGHTS = WEIGHTS_DIR / "fashion_classifier.safetensors"
 CLASS_NAMES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 NUM_CLASSES = 10
 SIGMA_DATA = 0.5
 PARAMETERISATIONS = ("edm", "flow", "v", "eps")
-ARCHITECTURES = ("unet", "dit")
+ARCHITECTURES = ("unet", "dit", "small-dit", "attention-unet")
+# The transformers and the attention UNet take the 4x14x14 latent only (on 28x28 images their attention would cost
+# too much on a CPU).
+LATENT_ONLY = ("dit", "small-dit", "attention-unet")
 # SD1.x's discrete schedule, which ComfyUI's ModelSamplingDiscrete computes for V_PREDICTION models too.
 VP_SCHEDULE = DiscreteSchedule()
 IMAGE_SHAPE = (1, 28, 28)
@@ -297,6 +305,53 @@ class FashionUNet(FashionDenoiser):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+class FashionAttentionUNet(FashionDenoiser):
+    """A UNet of another layout than ``FashionUNet``: two levels on the latent (14 -> 7), wider (48 and 96 channels),
+    and self-attention (4 heads) after every block at 7x7, in the encoder, the middle and the decoder, as SD-style
+    UNets attend at each of their coarse levels."""
+
+    architecture = "attention-unet"
+
+    def __init__(
+        self,
+        channels: tuple[int, int] = (48, 96),
+        emb_channels: int = 128,
+        num_classes: int = 10,
+        parameterisation: str = "flow",
+        in_channels: int = LATENT_SHAPE[0],
+        heads: int = 4,
+    ):
+        super().__init__(parameterisation, num_classes)
+        c0, c1 = channels
+        self.fourier = FourierEmbedding(64)
+        self.class_embed = nn.Embedding(num_classes + 1, emb_channels)
+        self.emb_mlp = nn.Sequential(nn.Linear(64, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels))
+        self.conv_in = nn.Conv2d(in_channels, c0, 3, padding=1)
+        self.enc0 = ResBlock(c0, c0, emb_channels)
+        self.down = nn.Conv2d(c0, c0, 3, stride=2, padding=1)
+        self.enc1 = ResBlock(c0, c1, emb_channels)
+        self.enc1_attn = Attention(c1, heads)
+        self.mid0 = ResBlock(c1, c1, emb_channels)
+        self.mid_attn = Attention(c1, heads)
+        self.mid1 = ResBlock(c1, c1, emb_channels)
+        self.dec1 = ResBlock(2 * c1, c1, emb_channels)
+        self.dec1_attn = Attention(c1, heads)
+        self.dec0 = ResBlock(c1 + c0, c0, emb_channels)
+        self.norm_out = nn.GroupNorm(8, c0)
+        self.conv_out = nn.Conv2d(c0, in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def raw(self, x: Tensor, c_noise: Tensor, labels: Tensor) -> Tensor:
+        emb = F.silu(self.emb_mlp(self.fourier(c_noise)) + self.class_embed(labels))
+        h0 = self.enc0(self.conv_in(x), emb)
+        h1 = self.enc1_attn(self.enc1(self.down(h0), emb))
+        h = self.mid1(self.mid_attn(self.mid0(h1, emb)), emb)
+        h = self.dec1_attn(self.dec1(torch.cat([h, h1], dim=1), emb))
+        h = self.dec0(torch.cat([F.interpolate(h, size=h0.shape[-2:]), h0], dim=1), emb)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
 class DiTBlock(nn.Module):
     """A DiT block (Peebles & Xie, 2023) with adaLN-Zero: the conditioning sets each sub-layer's norm scale and shift
     and gates its residual, the gates starting at zero so every block starts as the identity."""
@@ -371,6 +426,15 @@ class FashionDiT(FashionDenoiser):
         return F.pixel_shuffle(grid, self.patch)
 
 
+class FashionSmallDiT(FashionDiT):
+    """The DiT at width 128 with 4 blocks (1.26 M parameters), the same code as ``FashionDiT`` at another size."""
+
+    architecture = "small-dit"
+
+    def __init__(self, parameterisation: str = "eps", **sizes: int):
+        super().__init__(**({"width": 128, "depth": 4, "heads": 4} | sizes), parameterisation=parameterisation)
+
+
 class FashionClassifier(nn.Module):
     """A small CNN on [-1, 1] images; ``features`` is its 64-d penultimate layer (for Frechet distances)."""
 
@@ -406,12 +470,19 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def build_denoiser(architecture: str = "unet", parameterisation: str = "edm", latent: bool = False) -> FashionDenoiser:
-    """A freshly initialised denoiser: a ``unet`` on images or latents, or a ``dit`` (latents only)."""
+    """A freshly initialised denoiser: a ``unet`` on images or latents; on latents only, a ``dit`` (width 144, 6
+    blocks), a ``small-dit`` (width 128, 4 blocks) or an ``attention-unet``."""
     check_choice("architecture", architecture, ARCHITECTURES)
+    if architecture in LATENT_ONLY and not latent:
+        raise ValueError(
+            f"the {architecture} works on the 4x14x14 latent only: set latent=True (train_networks --latent)"
+        )
     if architecture == "dit":
-        if not latent:
-            raise ValueError("the DiT works on the 4x14x14 latent only: set latent=True (train_networks --latent)")
         return FashionDiT(parameterisation=parameterisation)
+    if architecture == "small-dit":
+        return FashionSmallDiT(parameterisation=parameterisation)
+    if architecture == "attention-unet":
+        return FashionAttentionUNet(parameterisation=parameterisation)
     return FashionUNet(parameterisation=parameterisation, in_channels=LATENT_SHAPE[0] if latent else IMAGE_SHAPE[0])
 
 
@@ -488,6 +559,14 @@ FASHION_MODELS = {
     "fashion-latent-eps-cfg": FashionModel("fashion-latent-eps", "eps", LATENT_EPS_UNET_WEIGHTS, latent=True),
     # As SD3 / Flux: a DiT trained as a rectified flow (CONST, shift 3) on a latent.
     "fashion-dit-flow-cfg": FashionModel("fashion-dit-flow", "flow", DIT_FLOW_WEIGHTS, architecture="dit", latent=True),
+    # Beds to judge the defaults by that differ from the above in architecture: a smaller DiT as EPS on SD1.x's
+    # discrete schedule (as PixArt-alpha), and a two-level UNet attending at every 7x7 block as a flow.
+    "fashion-dit-eps-cfg": FashionModel(
+        "fashion-dit-eps", "eps", DIT_EPS_WEIGHTS, architecture="small-dit", latent=True
+    ),
+    "fashion-latent-flow-cfg": FashionModel(
+        "fashion-latent-flow", "flow", LATENT_FLOW_WEIGHTS, architecture="attention-unet", latent=True
+    ),
 }
 
 

@@ -1,5 +1,5 @@
-r"""Train a Fashion-MNIST test bed's denoiser (a UNet or a DiT, in one of four parameterisations, on images or on the
-fixed latent) or the classifier from a seed and save fp16 EMA weights.
+r"""Train a Fashion-MNIST test bed's denoiser (one of ``ARCHITECTURES``, in one of four parameterisations, on images
+or on the fixed latent) or the classifier from a seed and save fp16 EMA weights.
 
     python -m consistency_solver.training.testbeds.train_networks unet --seed 0 --minutes 72 \
         --out training/testbeds/weights/fashion_unet.safetensors
@@ -11,6 +11,10 @@ fixed latent) or the classifier from a seed and save fp16 EMA weights.
         --steps STEPS --out training/testbeds/weights/fashion_latent_eps_unet.safetensors
     python -m consistency_solver.training.testbeds.train_networks dit --latent --parameterisation flow --seed 0 \
         --steps STEPS --out training/testbeds/weights/fashion_dit_flow.safetensors
+    python -m consistency_solver.training.testbeds.train_networks small-dit --latent --parameterisation eps --seed 0 \
+        --steps STEPS --out training/testbeds/weights/fashion_dit_eps.safetensors
+    python -m consistency_solver.training.testbeds.train_networks attention-unet --latent --parameterisation flow \
+        --seed 0 --steps STEPS --out training/testbeds/weights/fashion_latent_flow.safetensors
     python -m consistency_solver.training.testbeds.train_networks classifier --seed 0 \
         --out training/testbeds/weights/fashion_classifier.safetensors
 
@@ -36,6 +40,8 @@ from tqdm.auto import tqdm
 
 from ...solver.files import write_safetensors
 from .fashion import (
+    ARCHITECTURES,
+    LATENT_ONLY,
     PARAMETERISATIONS,
     SIGMA_DATA,
     VP_SCHEDULE,
@@ -228,7 +234,7 @@ def train(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["unet", "dit", "classifier"])
+    parser.add_argument("what", choices=[*ARCHITECTURES, "classifier"])
     parser.add_argument(
         "--parameterisation",
         choices=PARAMETERISATIONS,
@@ -237,7 +243,9 @@ def main(argv: list[str] | None = None) -> None:
         "(EPS on SD1.x's discrete schedule)",
     )
     parser.add_argument(
-        "--latent", action="store_true", help="denoisers only: train on the fixed 4x14x14 latent (the DiT needs it)"
+        "--latent",
+        action="store_true",
+        help=f"denoisers only: train on the fixed 4x14x14 latent ({', '.join(LATENT_ONLY)} need it)",
     )
     parser.add_argument("--out", type=Path, help="output .safetensors (fp16 EMA weights)")
     parser.add_argument("--seed", type=int, default=0)
@@ -252,8 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.out is None:
         parser.error(f"{args.what} needs --out PATH.safetensors")
-    if args.what == "dit" and not args.latent:
-        parser.error("the DiT works on the 4x14x14 latent only: add --latent")
+    if args.what in LATENT_ONLY and not args.latent:
+        parser.error(f"the {args.what} works on the 4x14x14 latent only: add --latent")
     train(args)
 
 
