@@ -10,6 +10,7 @@ from fixtures.comfyui import require_comfyui
 require_comfyui()
 
 import comfy.model_management  # noqa: E402
+import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 import folder_paths  # noqa: E402
 from comfy_extras import nodes_custom_sampler  # noqa: E402
@@ -291,3 +292,43 @@ def test_more_preview_steps_never_measure_worse_or_the_report_says_why(models_di
         assert training["not_monotone"] and "Note: 4 steps measured worse than 3" in report
     else:
         assert training["not_monotone"] == [] and "Note:" not in report
+
+
+@pytest.mark.parametrize("bed_name", ["fashion-latent-eps-cfg", "fashion-flow-cfg"])
+def test_on_learned_beds_auto_by_name_renders_what_the_calibrated_file_wired_in_renders(models_dir, bed_name):
+    """Issue 20 on a trained model of each family: after Calibrate, KSampler with consistency_solver by name picks
+    the file made for this model, and its previews' RMSE to the refine equals the file's wired in (to 1e-6)."""
+    from consistency_solver.training.evaluation.ksampler_path import bed_model, conditioning
+    from consistency_solver.training.testbeds import get_testbed
+
+    bed = get_testbed(bed_name)
+    model = bed_model(bed)
+    positive, negative = conditioning(torch.tensor([7])), conditioning(torch.tensor([bed.num_classes]))
+    latent = {"samples": torch.zeros(4, *bed.shape)}
+    output = ConsistencySolverCalibrate().calibrate(
+        model, positive, negative, latent, bed.guidance, "5", "dpmpp_2m", "simple", 10, 900, "auto", False
+    )  # fmt: skip
+    selection = output["result"][0]
+    noise = torch.randn(4, *bed.shape, generator=torch.Generator().manual_seed(3))
+
+    def render(sampler_name, sampler, steps, scheduler):
+        sigmas = nodes_custom_sampler.BasicScheduler().get_sigmas(model, scheduler, steps, 1.0)[0]
+        sampler = sampler or comfy.samplers.sampler_object(sampler_name)
+        return comfy.sample.sample_custom(model, noise, bed.guidance, sampler, sigmas, positive, negative,
+                                          latent["samples"], seed=0)  # fmt: skip
+
+    refine = render("dpmpp_2m", None, 10, "simple")
+    wired = SamplerConsistencySolver().get_sampler(selection.choice, "as stored in the file", False)[0]
+    by_name = render("consistency_solver", None, 5, "simple")
+    explicit = render(None, wired, 5, "simple")
+    rmse = [float((samples - refine).square().mean().sqrt()) for samples in (by_name, explicit)]
+    assert abs(rmse[0] - rmse[1]) <= 1e-6 and torch.allclose(by_name, explicit, rtol=0, atol=1e-6)
+    default = render(
+        None,
+        SamplerConsistencySolver().get_sampler("default-" + bed.kind + ".safetensors", "as stored in the file", False)[
+            0
+        ],
+        5,
+        "simple",
+    )
+    assert not torch.allclose(default, by_name)  # by name it did not use the default
