@@ -1,9 +1,11 @@
 """Forward-only calibration with its guard: fit on some noises, judge every candidate on the others, keep the best.
 
-The budget of model calls is the one knob: it buys the noises (``plan_noises``), each rendered once by the refine,
-most of them fitted on (one greedy rollout per step count), the rest held out to validate the fit against the
-pack's default and the stock samplers (``guard.validate``). Nothing is back-propagated through the model; a model
-call is one latent through the guided model (a CFG pair counts once).
+The budget of model calls is the one knob: it buys the noises (``plan_noises``), each rendered once by the refine.
+Most are fitted on: per step count, greedy fits on several schedules (the one searched by local error, and the
+candidates' own, placed on the refine's sigmas) are screened on a few fit noises, and the best two are fitted on all
+of them. The rest are held out to race those fits against the pack's default and the stock samplers
+(``guard.validate``); per step count the measured best is kept. Nothing is back-propagated through the model; a
+model call is one latent through the guided model (a CFG pair counts once).
 """
 
 from __future__ import annotations
