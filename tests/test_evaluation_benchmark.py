@@ -128,7 +128,8 @@ def test_a_file_with_a_learned_schedule_runs_on_it(tmp_path):
     assert row.run(6) is None  # no schedule for 6 steps: no cell, as for a table without that step count
 
 
-def test_the_defaults_are_judged_on_both_schedules_against_the_stock_samplers_on_each(tmp_path):
+def test_the_defaults_are_judged_on_both_schedules_against_the_stock_samplers_on_each(tmp_path, comfy_samplers):
+    # The judgement against ComfyUI's own samplers needs them; without ComfyUI the rows are absent (tested above).
     bed = get_testbed("gmm-vector-eps-cfg")
     # uni_pc asks a schedule for one step more than it takes (KSampler drops the penultimate sigma)
     schedule = StepSchedule({n: torch.linspace(0, 0.9, n, dtype=torch.float64) for n in (4, 5)})
