@@ -37,6 +37,7 @@ def test_quick_benchmark_writes_tables_plots_and_numbers(tmp_path, capsys):
     printed = capsys.readouterr().out
     markdown = (out / "benchmark.md").read_text()
     assert printed.strip() and "| sampler | 4 steps | 6 steps |" in markdown
+    assert f"thread(s) used, torch {torch.__version__}" in markdown  # the tables say when and where they were made
     results = json.loads((out / "results.json").read_text())
     eps, flow = results["gmm-vector-eps-cfg"], results["gmm-vector-flow-cfg"]
     # Files only rank on beds of their model family; a table has no cells for step counts it lacks.

@@ -31,8 +31,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import functools
 import json
+import os
+import platform
 import statistics
 import sys
 import time
@@ -584,6 +587,21 @@ def plot_bed(result: BedResult, step_counts: tuple[int, ...], path: Path) -> Non
     plt.close(figure)
 
 
+def machine() -> str:
+    """The machine a run was timed on, in words: CPU model, cores, threads used, torch, ComfyUI's samplers or not."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        models = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
+        cpu = models[0] if models else cpu
+    comfy = "ComfyUI's samplers absent" if stock_samplers.comfy_unavailable_reason() else "ComfyUI's own samplers"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s) used, torch {torch.__version__}, {comfy}"
+    )
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="two small beds, 16 samples, 4 and 6 steps (seconds)")
@@ -612,7 +630,12 @@ def main(argv: list[str] | None = None) -> None:
 
     arguments = sys.argv[1:] if argv is None else argv
     command = "python -m consistency_solver.training.evaluation.benchmark " + " ".join(arguments)
-    sections = [f"## Benchmark\n\n`{command.strip()}`\n", f"Coefficient files: {[str(p) for p in files] or 'none'}\n"]
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    sections = [
+        f"## Benchmark\n\n`{command.strip()}`\n",
+        f"Run {started} on {machine()}.\n",
+        f"Coefficient files: {[str(p) for p in files] or 'none'}\n",
+    ]
     results = {}
     for name in beds:
         log(f"{name} ...")
