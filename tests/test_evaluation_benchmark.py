@@ -65,6 +65,20 @@ def test_quick_benchmark_writes_tables_plots_and_numbers(tmp_path, capsys):
         assert (out / f"{bed}.png").stat().st_size > 10_000
 
 
+def test_defaults_only_judges_the_bundled_defaults_at_5_and_8_steps_and_nothing_else(tmp_path):
+    out = tmp_path / "out"
+    benchmark.main(["--defaults-only", "--beds", "gmm-vector-eps-cfg", "--samples", "16", "--out", str(out)])
+    results = json.loads((out / "results.json").read_text())["gmm-vector-eps-cfg"]
+    solver_rows = {label for label in results["rows"] if label.startswith("ConsistencySolver")}
+    assert solver_rows == {
+        "ConsistencySolver (default-eps, learned schedule)",
+        "ConsistencySolver (default-eps, bed's schedule)",
+    }
+    assert not any(label.startswith(("preset", "live preview")) for label in results["rows"])
+    assert {steps for cells in results["rows"].values() for steps in cells} == {"5", "8"}
+    assert set(results["defaults"]["default-eps"]["karras"]) == {"5", "8"}
+
+
 def test_steps_to_match_says_how_far_a_row_could_go():
     references = torch.zeros(4, 2)
     close = torch.full((4, 2), 0.1)
