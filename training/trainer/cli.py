@@ -78,8 +78,8 @@ CALIBRATE = "calibrate"  # forward-only calibration (training.calibration), not 
 
 
 def checked(convert: Callable[[str], Any], rule: str, valid: Callable[[Any], bool] = lambda value: True):
-    """An argparse ``type``: ``convert`` the text, refusing what it cannot convert or ``valid`` rejects with
-    "use ``rule``", which argparse words after the flag."""
+    """An argparse ``type`` that converts the text with ``convert`` and refuses what it cannot convert or ``valid``
+    rejects, saying "use <rule>, not <text>" (argparse names the flag before it)."""
 
     def parse(text: str) -> Any:
         try:
