@@ -644,7 +644,7 @@ def main(argv: list[str] | None = None) -> None:
     sections = [
         f"## Benchmark\n\n`{command.strip()}`\n",
         f"Run {started} on {machine()}.\n",
-        f"Coefficient files: {[str(p) for p in files] or 'none'}\n",
+        f"Coefficient files: {', '.join(path.name for path in files) or 'none'}\n",
     ]
     results = {}
     for name in beds:

@@ -113,7 +113,7 @@ def plot(table: dict[str, dict[int, Cell]], path: Path) -> None:
             axis.bar(xs, heights, width, label=label, color=color)
         axis.set_xticks(range(len(beds)), [bed.removeprefix("fashion-") for bed in beds], rotation=20, fontsize=8)
         axis.set(title=f"{n}-step previews", ylabel="RMSE to the 40-step final (lower is better)")
-    axes[0][0].legend(fontsize=8)
+    axes[0][-1].legend(fontsize=8, loc="upper left")  # the longer step count's bars are lower: room at the top
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=90)
