@@ -1,10 +1,10 @@
-"""The pack's rooms import one way, with no cycles, lazy imports included (README, Layout)."""
+"""The pack's rooms import one way, with no cycles, lazy imports included (CONTRIBUTING.md, Layout)."""
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Importer room -> the rooms it may import. ``a`` <- ``b`` in README's words is ``b: {a}`` here.
+# Importer room -> the rooms it may import. ``a`` <- ``b`` in CONTRIBUTING.md's words is ``b: {a}`` here.
 ALLOWED = {
     "": {"nodes", "solver"},  # the root __init__.py, ComfyUI's entry
     "solver": set(),
