@@ -9,8 +9,9 @@ in as ``locate``.
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from ..solver import (
     check_choice,
     load_coefficients,
     model_kind,
+    read_metadata,
 )
 from ..solver.defaults import BUNDLED_DIR, default_file_name
 
@@ -88,14 +90,59 @@ def is_coefficient_choice(value: str, file_names: list[str]) -> bool:
     return value in coefficient_choices(file_names) or value in PRESET_NAMES
 
 
-def resolve_coefficients(selection: CoefficientSelection, kind: str, locate: Locate) -> CoefficientSource:
+CALIBRATED_FAMILY = "calibrated"  # model_family "calibrated-eps" / "calibrated-flow": made by the Calibrate node
+
+
+def calibrated_for(paths: Iterable[str], fingerprint: str, kind: str, steps: int | None = None) -> str | None:
+    """The calibrated file ``auto`` uses for a model: among ``paths``, those the Calibrate node made for exactly this
+    model (``fingerprint``, see ``fingerprint.model_fingerprint``) and family that hold ``steps`` (any count when
+    None), the newest; None when there is none."""
+    matches = []
+    for path in paths:
+        made_for = _calibration_of(path)
+        if made_for is not None and made_for[:2] == (fingerprint, kind) and (steps is None or steps in made_for[2]):
+            matches.append(path)
+    return max(matches, key=lambda path: (os.stat(path).st_mtime_ns, path), default=None)
+
+
+_calibrations: dict[tuple[str, str], tuple[str, str, tuple[int, ...]] | None] = {}
+
+
+def _calibration_of(path: str) -> tuple[str, str, tuple[int, ...]] | None:
+    """(model fingerprint, kind, step counts) of a calibrated file, or None for any other file; cached by path and
+    modification time."""
+    key = (path, _modified(path))
+    if key not in _calibrations:
+        metadata = read_metadata(path)
+        family = metadata.get("model_family", "")
+        made_for = None
+        if family.startswith(f"{CALIBRATED_FAMILY}-"):
+            try:
+                fingerprint = json.loads(metadata.get("training", "{}")).get("model_fingerprint")
+                steps = tuple(int(n) for n in metadata.get("trained_steps", "").split(",") if n)
+            except ValueError:
+                fingerprint = None
+            if fingerprint:
+                made_for = (fingerprint, model_kind(family), steps)
+        _calibrations[key] = made_for
+    return _calibrations[key]
+
+
+def resolve_coefficients(
+    selection: CoefficientSelection, kind: str, locate: Locate, calibrated: str | None = None
+) -> CoefficientSource:
     """The coefficient source for a model of ``kind`` (``eps`` or ``flow``), refusing a file made for the other.
+    ``auto`` is the ``calibrated`` file when there is one for the running model (``calibrated_for``), else the pack's
+    default for the family.
 
     Raises CoefficientFileError (from ``locate`` or the loader) or WrongModelFamily.
     """
     if selection.choice in PRESET_NAMES:
         return Preset(selection.choice)
-    path = default_coefficient_path(kind) if selection.choice == AUTO else Path(locate(selection.choice))
+    if selection.choice == AUTO:
+        path = Path(calibrated) if calibrated is not None else default_coefficient_path(kind)
+    else:
+        path = Path(locate(selection.choice))
     coefficients = _load_cached(os.fspath(path), selection.mode, selection.allow_untrained_steps)
     check_model_kind(coefficients.metadata["model_family"], kind, path)
     return coefficients

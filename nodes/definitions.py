@@ -214,7 +214,8 @@ class ConsistencySolverScheduler:
 class DiffusionPreview:
     DESCRIPTION = (
         "A fast few-step draft of exactly the image Diffusion Refine (or a KSampler with the same seed) renders: "
-        "same noise, same start, a solver trained to land where the full run lands."
+        "same noise, same start, a solver trained to land where the full run lands. With a VAE connected it shows "
+        "its previews, and you click the ones the Refine renders."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LATENT", PREVIEW_STATE_TYPE)
@@ -224,6 +225,8 @@ class DiffusionPreview:
         "Seed, noise and settings of this preview, for Diffusion Refine.",
     )
     FUNCTION = "preview"
+    # It shows its previews when a VAE is connected, so it runs without a Save or Preview Image after it.
+    OUTPUT_NODE = True
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
@@ -279,7 +282,17 @@ class DiffusionPreview:
                 ),
                 "coefficients": _coefficient_widget(),
             },
-            "optional": _loaded_coefficients_input(),
+            "optional": {
+                **_loaded_coefficients_input(),
+                "vae": (
+                    "VAE",
+                    {
+                        "tooltip": "Optional: shows the previews on this node, each with its seed and batch "
+                        "position; click the ones Diffusion Refine should render (its select shows them). One VAE "
+                        "decode per preview run, no model call."
+                    },
+                ),
+            },
         }
 
     @classmethod
@@ -301,10 +314,15 @@ class DiffusionPreview:
         denoise: float,
         coefficients: str,
         loaded_coefficients: Any = None,
-    ) -> tuple[dict[str, Any], Any]:
+        vae: Any = None,
+    ) -> tuple[dict[str, Any], Any] | dict[str, Any]:
         selection = _selection(coefficients, STORED_MODE, False, loaded_coefficients)
         request = PreviewRequest(seed, steps, cfg, scheduler, denoise, selection)
-        return _runtime().run_preview(model, positive, negative, latent_image, request)
+        runtime = _runtime()
+        preview, state = runtime.run_preview(model, positive, negative, latent_image, request)
+        if vae is None:
+            return preview, state
+        return {"ui": runtime.preview_images(vae, preview, state), "result": (preview, state)}
 
 
 class DiffusionRefine:
@@ -341,7 +359,8 @@ class DiffusionRefine:
                     {
                         "default": SELECT_ALL,
                         "tooltip": "Which previews of the batch to refine: 'all', or positions such as '0,2' "
-                        "(counting from 0).",
+                        "(counting from 0). With a VAE on Diffusion Preview, click the previews there instead: "
+                        "this shows the ones you picked, and a saved workflow keeps them.",
                     },
                 ),
                 "steps": ("INT", {"default": 30, "min": 1, "max": 10000, "tooltip": "Steps of the full render."}),

@@ -5,12 +5,16 @@ Imported only from ``register()`` and from node functions, i.e. inside a running
 
 from __future__ import annotations
 
+import logging
 import os
+import weakref
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import comfy.k_diffusion.sampling
+import comfy.model_management
 import comfy.model_sampling
 import comfy.sample
 import comfy.samplers
@@ -18,18 +22,23 @@ import comfy.utils
 import folder_paths
 import latent_preview
 import torch
+from comfy_api.latest import ui
 
-from ..solver import CoefficientFileError, CoefficientSource, check_choice, coefficient_table
+from ..solver import CoefficientFileError, check_choice, coefficient_table
 from ..solver import sample_consistency_solver as solver_sample
 from .coefficients import (
+    AUTO,
     BUNDLED_DIR,
     FOLDER_NAME,
     SCHEDULER_NAME,
     CoefficientSelection,
+    calibrated_for,
+    default_coefficient_path,
     describe_choice,
     learned_sigmas,
     resolve_coefficients,
 )
+from .fingerprint import model_fingerprint, sampling_identity
 from .messages import (
     PREVIEW,
     REFINE,
@@ -46,12 +55,11 @@ from .preview_state import (
     RefineRequest,
     check_state_fits,
     parse_selection,
-    sampling_fingerprint,
     select_previews,
 )
 
 SAMPLER_NAME = "consistency_solver"
-_FINGERPRINT_PERCENTS = (0.25, 0.5, 0.75)
+PICKS_UI_KEY = "diffusion_preview"  # the pick grid's captions in Diffusion Preview's UI output (web/pick_previews.js)
 _BY_NAME = CoefficientSelection()  # what KSampler's sampler list gets: auto, stored mode, trained steps only
 # KSampler's own step counting, which the by-name scheduler cannot see; named when a step count is refused.
 _ONE_MORE_STEP = tuple(sorted(comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS))
@@ -102,19 +110,59 @@ def sampling_kind(model_sampling: Any) -> str:
     return "flow" if isinstance(model_sampling, comfy.model_sampling.CONST) else "eps"
 
 
-def coefficients_for(model_sampling: Any, selection: CoefficientSelection) -> CoefficientSource:
-    return resolve_coefficients(selection, sampling_kind(model_sampling), locate_file)
+# The ModelPatcher last seen with each model_sampling object: the scheduler by name is handed only the model_sampling.
+_sampling_owners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_announced: dict[tuple[str, str], str] = {}
 
 
-def run_at(place: str, model_sampling: Any, selection: CoefficientSelection, **settings: Any) -> Run:
-    """What messages need to know about a run at ``place`` before its coefficients are resolved."""
-    return Run(place, selection.choice, describe_choice(selection.choice, sampling_kind(model_sampling)), **settings)
+def sampling_owner(model_sampling: Any) -> Any:
+    """The model (ModelPatcher) a model_sampling belongs to, when the pack has seen it or ComfyUI has it loaded, and
+    only when that is one model (clones with other LoRAs share the model_sampling), else None."""
+    owners = {id(patcher): patcher for patcher in [_sampling_owners.get(model_sampling)] if patcher is not None}
+    for loaded in comfy.model_management.current_loaded_models:
+        patcher = loaded.model
+        if patcher is not None and patcher.get_model_object("model_sampling") is model_sampling:
+            owners[id(patcher)] = patcher
+    fingerprints = {model_fingerprint(p, sampling_kind(model_sampling)): p for p in owners.values()}
+    return next(iter(fingerprints.values())) if len(fingerprints) == 1 else None
 
 
-def resolved(run: Run, model_sampling: Any, selection: CoefficientSelection) -> Run:
-    """The run with its coefficient source; a missing, broken or mismatched file is worded for ``run.place``."""
+def calibrated_file(model: Any, kind: str, steps: int | None) -> str | None:
+    """The file the Calibrate node made for exactly this model (weights, LoRAs, sampling) that holds ``steps``, the
+    newest if several (``coefficients.calibrated_for``); one log line whenever what ``auto`` uses changes."""
+    model_sampling = model.get_model_object("model_sampling")
+    _sampling_owners[model_sampling] = model
+    fingerprint = model_fingerprint(model, kind)
+    user_folder = os.path.join(folder_paths.models_dir, FOLDER_NAME)
+    paths = [
+        path
+        for name in folder_paths.get_filename_list(FOLDER_NAME)
+        if (path := folder_paths.get_full_path(FOLDER_NAME, name)) and Path(path).parent != BUNDLED_DIR
+    ]
+    calibrated = calibrated_for(paths, fingerprint, kind, steps)
+    used = calibrated or f"the default {default_coefficient_path(kind).name}"
+    if _announced.get((fingerprint, str(steps))) != used:
+        _announced[(fingerprint, str(steps))] = used
+        why = "calibrated for this model" if calibrated else f"no file in {user_folder} is calibrated for this model"
+        logging.info("[consistency_solver] 'auto' uses %s for %s steps (%s)", used, steps, why)
+    return calibrated
+
+
+def resolved(
+    place: str, model_sampling: Any, selection: CoefficientSelection, model: Any = None, **settings: Any
+) -> Run:
+    """The run at ``place`` with its coefficient source: ``auto`` is the file calibrated for ``model`` (or, for the
+    scheduler by name, the model the model_sampling belongs to) when there is one, else the default. A missing,
+    broken or mismatched file is worded for ``place``."""
+    kind = sampling_kind(model_sampling)
+    calibrated = None
+    if selection.choice == AUTO:
+        owner = model if model is not None else sampling_owner(model_sampling)
+        calibrated = calibrated_file(owner, kind, settings.get("steps")) if owner is not None else None
+    choice = os.path.basename(calibrated) if calibrated else selection.choice
+    run = Run(place, choice, describe_choice(choice, kind), **settings)
     with worded_for(run):
-        return replace(run, source=coefficients_for(model_sampling, selection))
+        return replace(run, source=resolve_coefficients(selection, kind, locate_file, calibrated))
 
 
 def sample_consistency_solver(
@@ -133,8 +181,9 @@ def sample_consistency_solver(
     SamplerConsistencySolver and DiffusionPreview pass their ``selection`` and ``place`` (the node, for
     messages). Every problem is found before the first model call.
     """
-    model_sampling = model.inner_model.model_patcher.get_model_object("model_sampling")
-    run = resolved(run_at(place, model_sampling, selection, steps=len(sigmas) - 1), model_sampling, selection)
+    patcher = model.inner_model.model_patcher
+    model_sampling = patcher.get_model_object("model_sampling")
+    run = resolved(place, model_sampling, selection, patcher, steps=len(sigmas) - 1)
     with worded_for(run):
         return solver_sample(
             model,
@@ -164,8 +213,10 @@ def schedule_sigmas(model_sampling: Any, steps: int, denoise: float, run: Run) -
 def scheduler_node_sigmas(model: Any, steps: int, denoise: float, selection: CoefficientSelection) -> torch.Tensor:
     """The Consistency Solver Scheduler node."""
     model_sampling = model.get_model_object("model_sampling")
-    run = run_at(SCHEDULER_NODE, model_sampling, selection, steps=steps, denoise=denoise, learned_schedule=True)
-    return schedule_sigmas(model_sampling, steps, denoise, resolved(run, model_sampling, selection))
+    run = resolved(
+        SCHEDULER_NODE, model_sampling, selection, model, steps=steps, denoise=denoise, learned_schedule=True
+    )
+    return schedule_sigmas(model_sampling, steps, denoise, run)
 
 
 def consistency_solver_scheduler(model_sampling: Any, steps: int) -> torch.Tensor:
@@ -174,10 +225,10 @@ def consistency_solver_scheduler(model_sampling: Any, steps: int) -> torch.Tenso
     By name it uses the pack's default file for the model family, as the sampler of that name does;
     KSampler and BasicScheduler have already turned denoise into the step count.
     """
-    run = run_at(
+    run = resolved(
         SCHEDULER_BY_NAME, model_sampling, _BY_NAME, steps=steps, learned_schedule=True, one_more_step=_ONE_MORE_STEP
     )
-    return schedule_sigmas(model_sampling, steps, 1.0, resolved(run, model_sampling, _BY_NAME))
+    return schedule_sigmas(model_sampling, steps, 1.0, run)
 
 
 def ksampler_sigmas(model: Any, steps: int, scheduler: str, denoise: float) -> torch.Tensor:
@@ -196,12 +247,8 @@ def node_sigmas(model: Any, steps: int, scheduler: str, denoise: float, run: Run
 
 
 def fingerprint(model: Any) -> str:
-    model_sampling = model.get_model_object("model_sampling")
-    latent_format = model.get_model_object("latent_format")
-    points = [float(model_sampling.sigma_max), float(model_sampling.sigma_min)]
-    points += [float(model_sampling.percent_to_sigma(p)) for p in _FINGERPRINT_PERCENTS]
-    type_names = [base.__name__ for base in type(model_sampling).__bases__]
-    return sampling_fingerprint(sampling_kind(model_sampling), type_names, points, type(latent_format).__name__)
+    """The model's sampling identity, which a preview's state must share with its refine's model."""
+    return sampling_identity(model, sampling_kind(model.get_model_object("model_sampling")))
 
 
 def sample_latent(
@@ -250,7 +297,7 @@ def run_preview(
         "denoise": request.denoise,
         "learned_schedule": request.scheduler == SCHEDULER_NAME,
     }
-    run = resolved(run_at(PREVIEW, model_sampling, selection, **settings), model_sampling, selection)
+    run = resolved(PREVIEW, model_sampling, selection, model, **settings)
     sigmas = node_sigmas(model, request.steps, request.scheduler, request.denoise, run)
     with worded_for(run):
         coefficient_table(run.source, sigmas, model_sampling)
@@ -274,6 +321,18 @@ def run_preview(
     return preview, state
 
 
+def preview_images(vae: Any, preview: dict[str, Any], state: PreviewState) -> dict[str, list]:
+    """What Diffusion Preview shows on its node: the previews decoded as VAE Decode does and saved as Preview Image
+    does (temporary files), and under PICKS_UI_KEY the seed and batch size that caption them in the pick grid
+    (web/pick_previews.js). Reads the preview; neither it nor the state changes, and the model is not called."""
+    images = vae.decode(preview["samples"])
+    if images.ndim == 5:  # a video VAE's frames, flattened as VAE Decode flattens them
+        images = images.reshape(-1, *images.shape[-3:])
+    shown = ui.PreviewImage(images).as_dict()
+    shown[PICKS_UI_KEY] = [{"seed": state.seed, "batch_size": state.batch_size}]
+    return shown
+
+
 def run_refine(model: Any, positive: Any, negative: Any, state: PreviewState, request: RefineRequest) -> dict[str, Any]:
     """The full render of the chosen previews from their own noise: equal to the stock KSampler for that seed."""
     latent_channels = model.get_model_object("latent_format").latent_channels
@@ -284,7 +343,7 @@ def run_refine(model: Any, positive: Any, negative: Any, state: PreviewState, re
         model_sampling = model.get_model_object("model_sampling")
         selection = CoefficientSelection(state.coefficients)
         settings = {"steps": request.steps, "denoise": state.denoise, "learned_schedule": True}
-        run = resolved(run_at(REFINE, model_sampling, selection, **settings), model_sampling, selection)
+        run = resolved(REFINE, model_sampling, selection, model, **settings)
     sigmas = node_sigmas(model, request.steps, request.scheduler, state.denoise, run)
     sampler = request.sampler if request.sampler is not None else comfy.samplers.sampler_object(DEFAULT_REFINE_SAMPLER)
     return sample_latent(

@@ -11,7 +11,7 @@ from .errors import (
     format_steps,
     parse_step_counts,
 )
-from .files import CoefficientFileError, load_coefficients, model_kind, save_coefficients
+from .files import CoefficientFileError, load_coefficients, model_kind, read_metadata, save_coefficients
 from .policy import ConsistencyPolicy, PolicyCoefficients, actions_to_weights, active_action_mask
 from .sampling import coefficient_table, sample_consistency_solver, to_d
 from .schedules import StepSchedule
@@ -41,6 +41,7 @@ __all__ = [
     "load_coefficients",
     "model_kind",
     "parse_step_counts",
+    "read_metadata",
     "sample_consistency_solver",
     "save_coefficients",
     "time_features",

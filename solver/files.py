@@ -183,6 +183,15 @@ def save_coefficients(
     write_safetensors(path, tensors, metadata)
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """A coefficient file's metadata, without reading its tensors or validating it (empty when unreadable)."""
+    try:
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            return handle.metadata() or {}
+    except Exception:  # any unreadable file has no metadata to offer; load_coefficients says why
+        return {}
+
+
 def load_coefficients(
     path: str | os.PathLike, *, mode: str | None = None, allow_untrained_steps: bool = False
 ) -> Coefficients:

@@ -26,6 +26,27 @@ def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.
     return (x - denoised) / append_dims(sigma, x.ndim)
 
 
+def remember(history: list[torch.Tensor], derivative: torch.Tensor, order: int, times: int = 1) -> list[torch.Tensor]:
+    """The derivative history after a model call: newest first, at most ``order`` long. A derivative enters
+    ``times`` times when zero-length steps before it reused its point (see ``sample_consistency_solver``)."""
+    return ([derivative] * times + history)[:order]
+
+
+def multistep_update(
+    x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, row: Any, history: list[torch.Tensor]
+) -> torch.Tensor:
+    """One ConsistencySolver step: x + (sigma_next - sigma) * sum_k row[k] * history[k], newest derivative first.
+
+    ``sigma`` and ``sigma_next`` are numbers or per-sample tensors; weights past the history are 0 (the tables
+    are checked so), so the sum stops at the shorter of the two.
+    """
+    blended = history[0] * row[0]
+    for weight, older in zip(row[1:], history[1:], strict=False):
+        blended = blended + weight * older
+    step = torch.as_tensor(sigma_next, dtype=x.dtype) - torch.as_tensor(sigma, dtype=x.dtype)
+    return x + append_dims(step, x.ndim) * blended
+
+
 def coefficient_table(
     coefficients: CoefficientSource, sigmas: torch.Tensor, model_sampling: Any = None
 ) -> torch.Tensor:
@@ -91,12 +112,7 @@ def sample_consistency_solver(
                     "denoised": denoised,
                 }
             )
-        derivative = to_d(state, sigmas[i].float(), denoised.float())
-        history = ([derivative] * (skipped + 1) + history)[: len(table[i])]
+        history = remember(history, to_d(state, sigmas[i].float(), denoised.float()), len(table[i]), skipped + 1)
         skipped = 0
-        blended = history[0] * table[i][0]
-        # Weights past the available history are 0 (coefficient_table checks), so zip may stop early.
-        for weight, older in zip(table[i][1:], history[1:], strict=False):
-            blended = blended + weight * older
-        state = state + (sigmas[i + 1] - sigmas[i]).float() * blended
+        state = multistep_update(state, sigmas[i].float(), sigmas[i + 1].float(), table[i], history)
     return state.to(x.dtype)

@@ -2,8 +2,10 @@
 
 It opens every example workflow from the template browser, finds the pack's nodes in the node search, runs the
 preview -> approve -> refine loop with a Diffusion Preview added from the search (whose seed control the frontend
-sets to 'randomize'), and shows KSampler's error at an untrained step count. Screenshots of every step go to
-outputs/browser/. Locally the module skips when Chromium or playwright is missing; in CI (CI=true) it fails.
+sets to 'randomize'), picks two of four previews by clicking them on the Diffusion Preview (the Refine renders exactly
+those), and shows KSampler's error at an untrained step count. Screenshots of every step go to outputs/browser/
+(pick-previews.png is docs/images/pick-previews.png). Locally the module skips when Chromium or playwright is
+missing; in CI (CI=true) it fails.
 """
 
 import json
@@ -19,6 +21,7 @@ from fixtures.example_workflows import EXAMPLES, EXAMPLES_DIR, THUMBNAIL_SUFFIX,
 from safetensors.torch import load_file
 
 from consistency_solver.nodes import NODE_DISPLAY_NAME_MAPPINGS
+from consistency_solver.nodes.preview_state import parse_selection
 
 MISSING = browser_missing()
 if MISSING and os.environ.get("CI") == "true":
@@ -363,6 +366,249 @@ def test_approving_renders_the_preview_on_screen_whatever_the_seed_control(page,
     assert widget(page, preview, "seed") == next_seed
 
 
+GRID = "$$diffusion_preview_picks"  # web/pick_previews.js: the pick grid's widget on Diffusion Preview
+DESCRIBE_GRID = f"id => app.graph.getNodeById(id).widgets?.find(w => w.name === '{GRID}')?.describe() ?? null"
+FASHION_SEED = 42
+FASHION_REFINE = {"steps": 12, "cfg": 3.0, "scheduler": "karras"}
+
+
+def pick_graph(definitions):
+    """The batch loop on the Fashion-MNIST latent bed (a trained model: the previews show garments): four previews of
+    one seed, shown on the Diffusion Preview through its VAE input; a Refine; SaveLatents for both."""
+    graph = UIGraph(definitions)
+    ids = {
+        "model": graph.add("FashionTestModel", (0, 0), size=(280, 0)),
+        "positive": graph.add("FashionTestClass", (0, 110), size=(280, 0), garment="Sneaker"),
+        "negative": graph.add("FashionTestClass", (0, 230), size=(280, 0), garment="none"),
+        "latent": graph.add("EmptyLatentImage", (0, 350), size=(280, 0), width=112, height=112, batch_size=4),
+        "vae": graph.add("FashionTestVAE", (0, 530), size=(280, 0)),
+        "preview": graph.add("DiffusionPreview", (330, 0), size=(360, 700), seed=FASHION_SEED, steps=8, cfg=3.0,
+                             scheduler="consistency_solver"),
+        "refine": graph.add("DiffusionRefine", (740, 0), size=(300, 0), approve=False, select="all",
+                            **FASHION_REFINE),
+        "save_preview": graph.add("SaveLatent", (1090, 0), size=(300, 0), filename_prefix="latents/fashion-preview"),
+        "save_refined": graph.add("SaveLatent", (1090, 120), size=(300, 0), filename_prefix="latents/fashion-refined"),
+    }  # fmt: skip
+    for name in ("model", "positive", "negative"):
+        graph.connect(ids[name], 0, ids["preview"], name)
+        graph.connect(ids[name], 0, ids["refine"], name)
+    graph.connect(ids["latent"], 0, ids["preview"], "latent_image")
+    graph.connect(ids["vae"], 0, ids["preview"], "vae")
+    graph.connect(ids["preview"], 0, ids["save_preview"], "samples")
+    graph.connect(ids["preview"], 1, ids["refine"], "preview_state")
+    graph.connect(ids["refine"], 0, ids["save_refined"], "samples")
+    return graph.to_json(), ids
+
+
+def grid(page, preview):
+    return page.evaluate(DESCRIBE_GRID, preview)
+
+
+def wait_for_grid(page, preview, timeout=30_000):
+    """Until the Preview shows its pick grid with every preview image loaded; returns what it shows."""
+    page.page.wait_for_function(
+        f"id => {{ const shown = ({DESCRIBE_GRID})(id)\n"
+        "return shown?.loaded && shown.cells.length === shown.batchSize }",
+        arg=preview,
+        timeout=timeout,
+    )
+    return grid(page, preview)
+
+
+def click_preview(page, preview, refine, position):
+    """A real mouse click on one preview of the grid, where the canvas draws it; waits for the Refine's select to
+    change (the click toggles that preview in it)."""
+    before = widget(page, refine, "select")
+    x, y = page.evaluate(
+        f"""([id, position]) => {{
+            const node = app.graph.getNodeById(id)
+            const [left, top, width, height] = ({DESCRIBE_GRID})(id).cells[position]
+            const rect = app.canvas.canvas.getBoundingClientRect()
+            const [x, y] = app.canvas.ds.convertOffsetToCanvas(
+                [node.pos[0] + left + width / 2, node.pos[1] + top + height / 2])
+            return [rect.left + x, rect.top + y]
+        }}""",
+        [preview, position],
+    )
+    page.page.mouse.click(x, y)
+    page.page.wait_for_function(
+        "([id, before]) => app.graph.getNodeById(id).widgets.find(w => w.name === 'select').value !== before",
+        arg=[refine, before],
+        timeout=10_000,
+    )
+    page.page.mouse.move(5, 5)  # off the node: no hover outline in the screenshots
+    return widget(page, refine, "select")
+
+
+def type_into_widget(page, node_id, name, text):
+    """Types into a text widget as an artist does: a click opens the frontend's value prompt, Enter sets it."""
+    click_widget(page, node_id, name)
+    prompt = page.page.locator(".graphdialog input").last
+    prompt.wait_for(state="visible", timeout=10_000)
+    prompt.fill(text)
+    prompt.press("Enter")
+    page.page.wait_for_function(
+        "([id, name, text]) => app.graph.getNodeById(id).widgets.find(w => w.name === name).value === text",
+        arg=[node_id, name, text],
+        timeout=10_000,
+    )
+
+
+def executed_nodes(history):
+    """The node ids a prompt ran (not taken from ComfyUI's cache)."""
+    cached = next(data["nodes"] for event, data in history["status"]["messages"] if event == "execution_cached")
+    return set(history["prompt"][2]) - set(cached)
+
+
+def stock_fashion_render(server, positions):
+    """The stock KSampler's render of some batch positions of FASHION_SEED's batch of four, with the Refine's settings
+    and sampler (dpmpp_2m): Latent From Batch gives each position its noise (batch_index) and Latent Batch joins them,
+    so the batch has the Refine's shape."""
+    prompt = {
+        "1": {"class_type": "FashionTestModel", "inputs": {}},
+        "2": {"class_type": "FashionTestClass", "inputs": {"garment": "Sneaker"}},
+        "3": {"class_type": "FashionTestClass", "inputs": {"garment": "none"}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 112, "height": 112, "batch_size": 4}},
+    }
+    joined = None
+    for position in positions:
+        node = str(len(prompt) + 1)
+        prompt[node] = {"class_type": "LatentFromBatch", "inputs": {"samples": ["4", 0], "batch_index": position,
+                                                                    "length": 1}}  # fmt: skip
+        if joined is not None:
+            batch = str(len(prompt) + 1)
+            prompt[batch] = {"class_type": "LatentBatch", "inputs": {"samples1": [joined, 0], "samples2": [node, 0]}}
+            node = batch
+        joined = node
+    prompt["sampler"] = {"class_type": "KSampler",
+                         "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                    "latent_image": [joined, 0], "seed": FASHION_SEED, "sampler_name": "dpmpp_2m",
+                                    "denoise": 1.0, **FASHION_REFINE}}  # fmt: skip
+    prompt["save"] = {"class_type": "SaveLatent", "inputs": {"samples": ["sampler", 0],
+                                                            "filename_prefix": "latents/fashion-ksampler"}}  # fmt: skip
+    reply = server.post_prompt(prompt)
+    assert reply.get("node_errors") == {}, reply
+    return saved_latent(server, server.wait_for_history(reply["prompt_id"]), "save")
+
+
+def test_picking_previews_by_clicking_them_refines_those_seeds(page, server):
+    """Issue 23: four previews on the node, a click per pick; the Refine renders exactly the picked ones (the stock
+    KSampler's renders of them), select shows them, a saved workflow keeps them and brings the marks back, and no
+    pick or change of pick runs the Preview again."""
+    workflow, ids = pick_graph(server.get("/object_info"))
+    preview, refine = ids["preview"], ids["refine"]
+    page.load_workflow(workflow)
+    show_at_scale_one(page)
+    console_before = list(page.pack_console)
+
+    previewing = run(page, server)
+    assert previewing["status"]["status_str"] == "success", previewing["status"]
+    assert len(previewing["outputs"][str(preview)]["images"]) == 4  # the decoded previews, shown on the node
+    shown = wait_for_grid(page, preview)
+    assert shown["captions"] == [f"seed {FASHION_SEED} · #{position}" for position in range(4)]
+    assert shown["chosen"] == [] and shown["all"], shown  # select 'all': no pick yet, the Refine renders every one
+    shoot(page, "8-four-previews-on-the-node")
+
+    type_into_widget(page, refine, "select", "0")  # typing still works: the mark follows select
+    assert grid(page, preview)["chosen"] == [0]
+    assert click_preview(page, preview, refine, 0) == "all"  # unmarking the only pick goes back to every preview
+    assert click_preview(page, preview, refine, 1) == "1"
+    assert click_preview(page, preview, refine, 3) == "1,3"
+    shown = grid(page, preview)
+    assert shown["chosen"] == [1, 3] and shown["status"].startswith("The Refine renders #1, #3"), shown
+    shoot(page, "9-previews-1-and-3-picked")
+    page.screenshot_nodes(SCREENSHOTS / "pick-previews.png", [preview, refine], margin=28)  # docs/images/
+
+    click_widget(page, refine, "approve")
+    approving = run(page, server)
+    assert approving["status"]["status_str"] == "success", approving["status"]
+    assert executed_nodes(approving) == {str(refine), str(ids["save_refined"])}  # the previews came from the cache
+    refined = {(1, 3): saved_latent(server, approving, ids["save_refined"])}
+    assert refined[1, 3].shape[0] == 2
+    # What Save writes: the serialized graph as JSON (undefined fields left out).
+    saved = page.evaluate("async () => JSON.parse(JSON.stringify((await app.graphToPrompt()).workflow))")
+    embedded = approving["prompt"][3]["extra_pnginfo"]["workflow"]  # what the outputs' metadata carries
+    for workflow_json in (saved, embedded):
+        node = next(node for node in workflow_json["nodes"] if node["id"] == refine)
+        assert node["widgets_values"][:2] == [True, "1,3"], node["widgets_values"]
+    shoot(page, "10-after-refining-1-and-3")
+
+    # Another pick re-runs the Refine alone.
+    assert click_preview(page, preview, refine, 3) == "1"
+    repicking = run(page, server)
+    assert executed_nodes(repicking) == {str(refine), str(ids["save_refined"])}
+    refined[(1,)] = saved_latent(server, repicking, ids["save_refined"])
+
+    # The saved workflow brings select back, and the marks with it once the (cached) previews show again.
+    page.load_workflow(saved)
+    show_at_scale_one(page)
+    assert widget(page, refine, "select") == "1,3"
+    reopened = run(page, server)
+    assert reopened["status"]["status_str"] == "success", reopened["status"]
+    assert str(preview) not in executed_nodes(reopened)
+    assert wait_for_grid(page, preview)["chosen"] == [1, 3]
+    shoot(page, "11-saved-workflow-reopened")
+    assert page.pack_console == console_before, "the pick grid fell back in this frontend"
+
+    # Last, as another prompt on the server drops the graph's cached outputs.
+    for positions, latent in refined.items():
+        assert torch.equal(latent, stock_fashion_render(server, positions)), f"not KSampler's render of {positions}"
+
+
+def test_the_pick_grid_falls_back_to_the_frontends_previews_and_says_so(page, server):
+    """When drawing the grid fails (as a changed frontend detail would make it), the node shows the previews the
+    frontend's own way, select still works, and the console says why."""
+    workflow, ids = pick_graph(server.get("/object_info"))
+    preview, refine = ids["preview"], ids["refine"]
+    page.load_workflow(workflow)
+    show_at_scale_one(page)
+    assert run(page, server)["status"]["status_str"] == "success"
+    wait_for_grid(page, preview)
+    # As if the frontend held something else in node.imgs, which the grid draws.
+    page.evaluate(
+        """id => { app.graph.getNodeById(id).imgs[0] = { complete: true, naturalWidth: 1, naturalHeight: 1 }
+                   app.canvas.setDirty(true, true) }""",
+        preview,
+    )
+    page.page.wait_for_function(
+        f"""id => {{ const node = app.graph.getNodeById(id)
+                    return !node.widgets.some(w => w.name === '{GRID}') && node.imgs?.length === 4 &&
+                           node.imgs.every(image => image instanceof HTMLImageElement && image.naturalWidth > 0) }}""",
+        arg=preview,
+        timeout=10_000,
+    )
+    page.page.wait_for_timeout(300)
+    shoot(page, "12-pick-grid-fallback")
+    said = "picking previews by clicking is off (the pick grid failed"
+    fallbacks = [line for line in page.pack_console if said in line]
+    assert len(fallbacks) == 1, page.pack_console
+    assert "type the positions to refine into Diffusion Refine's select" in fallbacks[0]
+    type_into_widget(page, refine, "select", "2")  # the way left: select, typed
+    page.pack_console.clear()
+
+
+def test_the_grid_reads_select_as_the_refine_does(page):
+    """The extension's reading of select (marks) against the Refine's own (what it renders), on the same strings."""
+    cases = ["all", " ALL ", "0,2", "2,0", "1", "-1", "0,0", " 3 , 1 ", "+2", "4", "-5", "a,b", "", " , ", "1;2"]
+    # The path the frontend imported it from (GET /extensions lists them), so this is the module it runs.
+    url = page.evaluate(
+        "async () => (await (await fetch('/extensions')).json()).find(path => path.endsWith('/pick_previews.js'))"
+    )
+    assert url and url.startswith(EXTENSION_PATH), url
+    read = page.evaluate(
+        "async ([url, cases]) => { const grid = await import(url); return cases.map(c => grid.parseSelect(c, 4)) }",
+        [url, cases],
+    )
+    for text, parsed in zip(cases, read, strict=True):
+        try:
+            expected = sorted(set(parse_selection(text, 4)))
+        except ValueError:
+            assert parsed["problem"], (text, parsed)
+            continue
+        assert parsed["problem"] is None and parsed["positions"] == expected, (text, parsed)
+        assert parsed["all"] == (text.strip().lower() == "all"), (text, parsed)
+
+
 def test_ksampler_at_an_untrained_step_count_says_what_to_change(page, server):
     graph, ids = tiny_graph(server.get("/object_info"), with_refine=False)
     sampler = graph.add("KSampler", (500, 0), seed=1, steps=20, cfg=4.0, sampler_name="consistency_solver",
@@ -389,3 +635,4 @@ def test_ksampler_at_an_untrained_step_count_says_what_to_change(page, server):
 
 def test_no_page_error_came_from_the_pack(page):
     assert page.pack_errors == [], f"errors in {EXTENSION_PATH}: {page.pack_errors}"
+    assert page.pack_console == [], f"the pack's extensions fell back: {page.pack_console}"

@@ -1,4 +1,5 @@
-"""The Consistency Solver Calibrate node in-process on the tiny ComfyUI model: file, reuse, cancel, budget."""
+"""The Consistency Solver Calibrate node in-process on tiny ComfyUI models: its file and report, its key (the model,
+not the prompt), cancel, budget, every refine sampler, and ``auto`` picking the file made for the running model."""
 
 import json
 
@@ -9,22 +10,26 @@ from fixtures.comfyui import require_comfyui
 require_comfyui()
 
 import comfy.model_management  # noqa: E402
+import comfy.samplers  # noqa: E402
 import folder_paths  # noqa: E402
+from comfy_extras import nodes_custom_sampler  # noqa: E402
 from fixtures import tiny_models  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
+import nodes  # noqa: E402  (ComfyUI's nodes.py, loaded by require_comfyui)
+from consistency_solver.calibration import CALIBRATOR_REVISION  # noqa: E402
+from consistency_solver.nodes import calibrate as calibrate_node  # noqa: E402
 from consistency_solver.nodes import register  # noqa: E402
 from consistency_solver.nodes.calibrate import ConsistencySolverCalibrate  # noqa: E402
-from consistency_solver.nodes.definitions import DiffusionPreview  # noqa: E402
+from consistency_solver.nodes.definitions import DiffusionPreview, SamplerConsistencySolver  # noqa: E402
 from consistency_solver.solver import load_coefficients  # noqa: E402
+from consistency_solver.solver.defaults import BUNDLED_DIR  # noqa: E402
 
 torch.set_num_threads(1)
 register()
 POSITIVE, NEGATIVE = tiny_models.random_conditioning(1), tiny_models.random_conditioning(2)
-LATENT = {"samples": torch.zeros(1, 4, 8, 8)}
-NOISES, REFINE_STEPS, STEPS = 4, 10, "3,4"
-# 4 noises x 10 refine steps + one rollout of 3 and 4 steps (first steps free): 40 + 4 * 5.
-MINIMUM = 60
+LATENT = {"samples": torch.zeros(2, 4, 8, 8)}
+REFINE_STEPS, STEPS, BUDGET = 8, "3,4", 700
 
 
 @pytest.fixture
@@ -32,13 +37,16 @@ def models_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path))
     paths = folder_paths.folder_names_and_paths["consistency_solver"]
     folder = tmp_path / "consistency_solver"
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "consistency_solver", ([str(folder)], paths[1]))
+    folder.mkdir()
+    monkeypatch.setitem(
+        folder_paths.folder_names_and_paths, "consistency_solver", ([str(folder), str(BUNDLED_DIR)], paths[1])
+    )
     return folder
 
 
-def counting_model(kind="eps", interrupt_after=None):
-    """The tiny UNet whose every guided model call (one per latent) is counted; optionally Cancel after some."""
-    model = tiny_models.tiny_unet_model(kind).clone()
+def counted(model, interrupt_after=None):
+    """The model with every guided model call (one per latent) counted; optionally Cancel after some."""
+    model = model.clone()
     calls = {"count": 0, "largest": 0}
 
     def wrapper(apply_model, arguments):
@@ -53,98 +61,154 @@ def counting_model(kind="eps", interrupt_after=None):
     return model, calls
 
 
-def calibrate(model, budget=400, name="mine", sampler="dpmpp_2m"):
-    node = ConsistencySolverCalibrate()
-    return node.calibrate(
-        model, POSITIVE, NEGATIVE, LATENT, NOISES, 4.0, STEPS, sampler, "simple", REFINE_STEPS, 7, budget, name
-    )[0]
+def calibrate(model, positive=POSITIVE, sampler="dpmpp_2m", budget=BUDGET, name="auto", per_prompt=False, **extra):
+    output = ConsistencySolverCalibrate().calibrate(
+        model, positive, NEGATIVE, LATENT, 4.0, STEPS, sampler, "simple", REFINE_STEPS, budget, name, per_prompt,
+        **extra,
+    )  # fmt: skip
+    selection, report = output["result"]
+    assert output["ui"]["text"] == [report]
+    return selection, report
 
 
-def test_the_node_writes_the_file_with_its_metadata_and_a_second_run_makes_no_model_call(models_dir):
-    model, calls = counting_model()
-    selection = calibrate(model)
-    path = models_dir / "mine.safetensors"
-    assert selection.choice == "mine.safetensors" and path.is_file()
-    first = calls["count"]
-    assert MINIMUM <= first <= 400
-    assert calls["largest"] == LATENT["samples"].shape[0]  # the LATENT's batch size bounds every model call
+def training_of(path):
     with safe_open(str(path), framework="pt") as handle:
-        training = json.loads(handle.metadata()["training"])
-    assert training["model_calls"] == first
+        return handle.metadata()["model_family"], json.loads(handle.metadata()["training"])
+
+
+def test_the_node_writes_its_file_and_report_and_a_prompt_edit_makes_no_model_call(models_dir):
+    model, calls = counted(tiny_models.tiny_unet_model("eps"))
+    selection, report = calibrate(model)
+    path = models_dir / selection.choice
+    assert selection.choice.startswith("calibrated-") and path.is_file()
+    first = calls["count"]
+    assert 0 < first <= BUDGET and calls["largest"] <= LATENT["samples"].shape[0]
+    family, training = training_of(path)
+    assert family == "calibrated-eps" and training["model_calls"] == first
     assert training["settings"]["refine_sampler"] == "dpmpp_2m" and training["settings"]["steps"] == [3, 4]
-    assert {"model_fingerprint", "conditioning_fingerprint", "seconds"} <= training.keys()
+    assert set(training["winners"]) == {"3", "4"} and training["noises"]["held_out"] >= 4
+    assert "dpmpp_2m / karras" in training["validation"]["4"]  # the stock samplers raced the fit
+    assert report.startswith("Judged on") and "x best stock" in report and "dpmpp_2m/simple at 8 steps" in report
     coefficients = load_coefficients(path)
-    assert sorted(coefficients.tables) == [3, 4] and coefficients.row_sums == "free"
-    assert sorted(coefficients.schedule.positions) == [3, 4]
-    for table in coefficients.tables.values():
-        assert abs(table[-1].sum().item() - 1) < 1e-6  # the node's previews end fully denoised, as the API's
+    assert sorted(coefficients.tables) == [3, 4] and sorted(coefficients.schedule.positions) == [3, 4]
 
-    again = calibrate(model)
-    assert again == selection and calls["count"] == first  # loaded, zero model calls
-
+    edited = tiny_models.random_conditioning(9)
+    again, again_report = calibrate(model, positive=edited)
+    assert again == selection and again_report == report and calls["count"] == first  # zero model calls
     latent, _ = DiffusionPreview().preview(
-        model, POSITIVE, NEGATIVE, LATENT, 7, 4, 4.0, "consistency_solver", 1.0, "auto", loaded_coefficients=selection
+        model, edited, NEGATIVE, LATENT, 7, 4, 4.0, "consistency_solver", 1.0, "auto", loaded_coefficients=selection
     )
     assert torch.isfinite(latent["samples"]).all()
 
 
-def test_a_file_made_by_an_older_calibrator_is_fitted_again(models_dir, monkeypatch):
-    import consistency_solver.training.calibration as calibration
+def test_a_lora_another_checkpoint_or_per_prompt_calibration_calibrates_again(models_dir):
+    model, calls = counted(tiny_models.gaussian_model("eps"))
+    selection, _ = calibrate(model)
+    first = calls["count"]
+    patched = model.clone()
+    key = "diffusion_model.anchor"  # the Gaussian model's one parameter
+    patched.add_patches({key: (torch.ones_like(patched.model.state_dict()[key]),)}, 0.01)  # a "LoRA"
+    with_lora, _ = calibrate(patched)
+    assert calls["count"] == 2 * first and with_lora != selection
+    other, other_calls = counted(tiny_models.gaussian_model("eps", mean=0.5))
+    assert calibrate(other)[0] not in (selection, with_lora) and other_calls["count"] == first
 
-    model, calls = counting_model()
+    per_prompt, _ = calibrate(model, per_prompt=True)
+    assert calls["count"] == 3 * first and per_prompt != selection
+    calibrate(model, positive=tiny_models.random_conditioning(9), per_prompt=True)
+    assert calls["count"] == 4 * first
+
+
+def test_a_file_made_by_an_older_calibrator_is_fitted_again(models_dir, monkeypatch):
+    model, calls = counted(tiny_models.gaussian_model("eps"))
     calibrate(model)
     first = calls["count"]
-    monkeypatch.setattr(calibration, "CALIBRATOR_REVISION", calibration.CALIBRATOR_REVISION + 1)
+    monkeypatch.setattr(calibrate_node, "CALIBRATOR_REVISION", CALIBRATOR_REVISION + 1)
     calibrate(model)
     assert calls["count"] == 2 * first  # fitted again with the same calls, not loaded
 
 
-@pytest.mark.parametrize(("kind", "sampler"), [("flow", "euler"), ("v", "heun")])
-def test_flow_and_v_models_and_a_two_call_refine_sampler(models_dir, kind, sampler):
-    model, calls = counting_model(kind)
-    selection = calibrate(model, budget=800, sampler=sampler)
-    with safe_open(str(models_dir / "mine.safetensors"), framework="pt") as handle:
-        metadata = handle.metadata()
-    assert metadata["model_family"] == f"calibrated-{'flow' if kind == 'flow' else 'eps'}"
-    assert json.loads(metadata["training"])["model_calls"] == calls["count"] <= 800
-    latent, _ = DiffusionPreview().preview(
-        model, POSITIVE, NEGATIVE, LATENT, 7, 3, 4.0, "consistency_solver", 1.0, "auto", loaded_coefficients=selection
-    )
-    assert torch.isfinite(latent["samples"]).all()
+def test_several_prompts_share_the_noises(models_dir):
+    model, calls = counted(tiny_models.tiny_unet_model("eps"))
+    selection, _ = calibrate(model, positive_2=tiny_models.random_conditioning(3))
+    _, training = training_of(models_dir / selection.choice)
+    assert calls["count"] == training["model_calls"] <= BUDGET
+    one, _ = calibrate(model, name="one prompt")
+    assert training_of(models_dir / one.choice)[1]["validation"] != training["validation"]
 
 
-def test_a_budget_below_the_minimum_is_refused_before_any_model_call(models_dir):
-    model, calls = counting_model()
-    with pytest.raises(
-        ValueError, match=f"Raise the budget of Consistency Solver Calibrate to at least {MINIMUM} model calls"
-    ):
-        calibrate(model, budget=MINIMUM - 1)
-    assert calls["count"] == 0
-    assert not (models_dir / "mine.safetensors").exists()
+def test_the_budget_sets_the_noises_and_a_budget_below_the_minimum_is_refused_before_any_call(models_dir):
+    model, calls = counted(tiny_models.gaussian_model("eps"))
+    small, _ = calibrate(model, budget=BUDGET, name="small")
+    large, _ = calibrate(model, budget=2 * BUDGET, name="large")
+    noises = [training_of(models_dir / s.choice)[1]["noises"] for s in (small, large)]
+    assert noises[0]["fit"] + noises[0]["held_out"] < noises[1]["fit"] + noises[1]["held_out"]
+    before = calls["count"]
+    with pytest.raises(ValueError, match="^Raise the budget of Consistency Solver Calibrate to at least"):
+        calibrate(model, budget=50, name="tiny")
+    assert calls["count"] == before and not (models_dir / "tiny.safetensors").exists()
 
 
 def test_cancel_stops_the_calibration_and_leaves_no_file(models_dir):
-    model, calls = counting_model(interrupt_after=50)
+    model, calls = counted(tiny_models.tiny_unet_model("eps"), interrupt_after=50)
     try:
         with pytest.raises(comfy.model_management.InterruptProcessingException):
             calibrate(model)
     finally:
         comfy.model_management.interrupt_current_processing(False)
-    assert calls["count"] <= 54  # stopped at the next call
+    assert calls["count"] <= 52  # stopped at the next call
     assert not any(models_dir.glob("*"))  # neither the file nor a partial one
 
 
-def test_the_trainers_calibration_runs_on_a_comfyui_model():
-    """``--mode calibrate --comfy-checkpoint`` calibrates the trainer's ComfyUI model (here the tiny one)."""
-    from consistency_solver.training.evaluation.calibrated import calibrate_bed
-    from consistency_solver.training.trainer.comfy_model import ComfyModel
+# Samplers that read the model's sampling type (flow models get their own ancestral steps) or call it unusually,
+# tried on flow and V-prediction models too.
+FAMILY_SENSITIVE = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "er_sde", "lcm",
+                    "sa_solver", "uni_pc", "heun", "seeds_2")  # fmt: skip
 
-    prompts = [tiny_models.random_conditioning(seed) for seed in (1, 2)]
-    model = ComfyModel(
-        tiny_models.tiny_unet_model("eps"), prompts, NEGATIVE, cfg=3.0, scheduler="karras", width=64, height=64,
-        name="tiny",
-    )  # fmt: skip
-    calibration = calibrate_bed(model, (3,), budget=200, noises=3, reference_steps=6)
-    assert calibration.model_calls == 3 * 6 + 3 * 2
-    positions = calibration.coefficients.schedule.positions[3]
-    assert positions[0] == 0 and (positions.diff() > 0).all()
+
+@pytest.mark.parametrize(
+    ("kind", "sampler"),
+    [("eps", name) for name in comfy.samplers.KSampler.SAMPLERS]
+    + [(kind, name) for kind in ("flow", "v") for name in FAMILY_SENSITIVE],
+)
+def test_every_refine_sampler_gives_a_file_or_says_what_to_change(models_dir, kind, sampler):
+    """Every name of KSampler's list: a file, or a ValueError that starts with what to change; never a traceback
+    from inside a sampler. Stochastic samplers are fitted to their noise-free counterpart, saying so."""
+    model, calls = counted(tiny_models.gaussian_model(kind))
+    try:
+        selection, report = calibrate(model, sampler=sampler, budget=600, name=f"{kind}-{sampler}")
+    except ValueError as error:
+        assert str(error).startswith(("Pick a refine sampler", "Pick another refine sampler")), error
+        assert calls["count"] == 0
+        assert sampler in ("dpm_fast", "dpm_adaptive", "consistency_solver")
+        return
+    assert sampler not in ("dpm_fast", "dpm_adaptive")
+    _, training = training_of(models_dir / selection.choice)
+    assert training["model_calls"] == calls["count"] <= 600
+    assert sampler in training["target"]
+    if "ancestral" in sampler or "sde" in sampler:
+        assert "noise-free counterpart" in report and "noise-free counterpart" in training["target"]
+
+
+def test_auto_everywhere_uses_the_file_calibrated_for_the_running_model(models_dir):
+    model = tiny_models.tiny_unet_model("eps")
+    selection, _ = calibrate(model)
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+
+    def by_name(patcher):
+        return nodes.KSampler().sample(patcher, 3, 4, 4.0, "consistency_solver", "karras", POSITIVE, NEGATIVE,
+                                       latent)[0]["samples"]  # fmt: skip
+
+    def wired(patcher, choice):
+        sampler = SamplerConsistencySolver().get_sampler(choice, "as stored in the file", False)[0]
+        sigmas = nodes_custom_sampler.BasicScheduler().get_sigmas(patcher, "karras", 4, 1.0)[0]
+        return nodes_custom_sampler.SamplerCustom().sample(patcher, True, 3, 4.0, POSITIVE, NEGATIVE, sampler,
+                                                           sigmas, latent)[0]["samples"]  # fmt: skip
+
+    torch.testing.assert_close(by_name(model), wired(model, selection.choice), rtol=0, atol=0)
+    assert not torch.equal(by_name(model), wired(model, "default-eps.safetensors"))
+    other = tiny_models.tiny_unet_model("eps", seed=1)  # another checkpoint: its own calibration or the default
+    torch.testing.assert_close(by_name(other), wired(other, "default-eps.safetensors"), rtol=0, atol=0)
+    # a count the calibrated file does not hold falls back to the default too
+    five = nodes.KSampler().sample(model, 3, 5, 4.0, "consistency_solver", "karras", POSITIVE, NEGATIVE, latent)
+    assert torch.isfinite(five[0]["samples"]).all()

@@ -1,8 +1,13 @@
 """The pack inside the real ComfyUI runtime (in-process), with tiny models: every stock sampling path."""
 
+from dataclasses import replace
+from types import SimpleNamespace
+
+import numpy
 import pytest
 import torch
 from fixtures.comfyui import require_comfyui
+from PIL import Image
 
 require_comfyui()
 
@@ -192,7 +197,9 @@ def test_ksampler_advanced_and_sampler_custom_advanced(bundled):
         model, noise.generate_noise(latent), 4.0, ab2, sigmas, POSITIVE, NEGATIVE, latent["samples"], seed=5,
     )  # fmt: skip
     assert torch.equal(custom, direct) and model_sampling is not None
-    assert isinstance(runtime.coefficients_for(model_sampling, runtime.CoefficientSelection("ab2")), Preset)
+    assert isinstance(
+        runtime.resolved("here", model_sampling, runtime.CoefficientSelection("ab2"), model).source, Preset
+    )
 
 
 def test_progress_is_reported_every_step(bundled):
@@ -364,6 +371,45 @@ def counting_model_calls(model, monkeypatch):
     inner = model.model.apply_model
     monkeypatch.setattr(model.model, "apply_model", lambda *a, **k: calls.append(1) or inner(*a, **k))
     return calls
+
+
+def test_a_vae_shows_the_previews_without_a_model_call_or_a_change_to_the_outputs(bundled, monkeypatch, tmp_path):
+    """Issue 23: with a VAE, Diffusion Preview decodes its previews for the pick grid, captioned with the seed and the
+    batch size; the latent, the state and the model calls are those of a preview without one."""
+    monkeypatch.setattr(folder_paths, "temp_directory", str(tmp_path))
+    model = tiny_models.tiny_unet_model("eps")
+    calls = counting_model_calls(model, monkeypatch)
+    latent = empty_latent(batch=3)
+    plain, plain_state = preview(model, latent, seed=7)
+    calls_without_vae = len(calls)
+    vae = tiny_models.FashionVAE()
+    shown = DiffusionPreview().preview(model, POSITIVE, NEGATIVE, latent, 7, 6, 4.0, "karras", 1.0, "auto", vae=vae)
+    assert len(calls) == 2 * calls_without_vae
+    decoded, state = shown["result"]
+    assert torch.equal(decoded["samples"], plain["samples"])
+    for field in ("noise", "sigmas"):
+        assert torch.equal(getattr(state, field), getattr(plain_state, field)), field
+    assert replace(state, noise=None, sigmas=None, latent=None) == replace(plain_state, noise=None, sigmas=None,
+                                                                           latent=None)  # fmt: skip
+    ui = shown["ui"]
+    assert ui[runtime.PICKS_UI_KEY] == [{"seed": 7, "batch_size": 3}]
+    assert [image["type"] for image in ui["images"]] == ["temp"] * 3
+    expected = (vae.decode(decoded["samples"]) * 255).clamp(0, 255).to(torch.uint8)
+    for image, pixels in zip(ui["images"], expected, strict=True):
+        saved = numpy.asarray(Image.open(tmp_path / image["subfolder"] / image["filename"]))
+        assert torch.equal(torch.from_numpy(saved.copy()), pixels), image
+
+
+def test_a_video_vae_shows_every_frame(bundled, monkeypatch, tmp_path):
+    """A video VAE decodes [B, T, H, W, 3]: every frame is shown, as VAE Decode flattens them; the batch size stays
+    that of the previews (so the pick grid knows the frames are not one preview each)."""
+    monkeypatch.setattr(folder_paths, "temp_directory", str(tmp_path))
+    model = tiny_models.gaussian_model("flow", latent_format=tiny_models.video_latent_format())
+    latent = {"samples": torch.zeros(2, 16, 3, 4, 4)}
+    preview_latent, state = preview(model, latent)
+    video_vae = SimpleNamespace(decode=lambda samples: torch.rand(samples.shape[0], samples.shape[2], 8, 8, 3))
+    ui = runtime.preview_images(video_vae, preview_latent, state)
+    assert len(ui["images"]) == 6 and ui[runtime.PICKS_UI_KEY] == [{"seed": 5, "batch_size": 2}]
 
 
 def test_ksampler_and_the_preview_refuse_an_untrained_step_count_before_any_model_call(scheduled, monkeypatch):

@@ -94,18 +94,18 @@ def test_preview_then_refine_then_save_latent_over_http(server):
     assert latent.shape == (2, 4, 8, 8) and torch.isfinite(latent).all()
 
 
-def test_calibrate_then_preview_then_refine_over_http(server):
-    """The example workflow's loop with the tiny model: Calibrate writes its file and feeds the Preview."""
+def calibrate_prompt(model_seed: int, prompt_seed: int) -> dict:
+    """The example workflow's loop with the tiny model: Calibrate feeds the Preview, the Refine renders."""
     model = {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0]}
-    prompt = {
-        "1": {"class_type": "TinyTestModel", "inputs": {"kind": "eps", "seed": 0}},
-        "2": {"class_type": "TinyTestConditioning", "inputs": {"seed": 1}},
+    return {
+        "1": {"class_type": "TinyTestModel", "inputs": {"kind": "eps", "seed": model_seed}},
+        "2": {"class_type": "TinyTestConditioning", "inputs": {"seed": prompt_seed}},
         "3": {"class_type": "TinyTestConditioning", "inputs": {"seed": 2}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "5": {"class_type": "ConsistencySolverCalibrate",
-              "inputs": {**model, "latent_image": ["4", 0], "noises": 2, "cfg": 4.0, "preview_steps": "4",
-                         "refine_sampler": "dpmpp_2m", "refine_scheduler": "karras", "refine_steps": 8, "seed": 0,
-                         "budget": 200, "file_name": "over-http"}},
+              "inputs": {**model, "latent_image": ["4", 0], "cfg": 4.0, "preview_steps": "4",
+                         "refine_sampler": "dpmpp_2m", "refine_scheduler": "karras", "refine_steps": 8,
+                         "budget": 400, "file_name": "auto", "recalibrate_for_each_prompt": False}},
         "6": {"class_type": "DiffusionPreview",
               "inputs": {**model, "latent_image": ["4", 0], "seed": 11, "steps": 4, "cfg": 4.0,
                          "scheduler": "consistency_solver", "denoise": 1.0, "coefficients": "auto",
@@ -115,11 +115,24 @@ def test_calibrate_then_preview_then_refine_over_http(server):
                          "cfg": 4.0, "scheduler": "karras"}},
         "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "latents/calibrated"}},
     }  # fmt: skip
-    reply = server.post_prompt(prompt)
-    assert reply.get("node_errors") == {}, reply
-    history = server.wait_for_history(reply["prompt_id"])
-    assert history["status"]["status_str"] == "success", history["status"]
-    assert (server.base / "models" / "consistency_solver" / "over-http.safetensors").is_file()
+
+
+def test_calibrate_once_per_model_over_http(server):
+    """A prompt edit reuses the model's calibration (its file is not written again); another model calibrates."""
+    folder = server.base / "models" / "consistency_solver"
+
+    def run(model_seed, prompt_seed):
+        reply = server.post_prompt(calibrate_prompt(model_seed, prompt_seed))
+        assert reply.get("node_errors") == {}, reply
+        history = server.wait_for_history(reply["prompt_id"])
+        assert history["status"]["status_str"] == "success", history["status"]
+        return {path.name: path.stat().st_mtime_ns for path in folder.glob("calibrated-*.safetensors")}
+
+    first = run(0, 1)
+    assert len(first) == 1
+    assert run(0, 5) == first  # the prompt edited: the same file, untouched
+    other = run(1, 5)
+    assert len(other) == 2 and all(other[name] == first[name] for name in first)
 
 
 def learned_schedule_prompt(steps):

@@ -1,19 +1,23 @@
-"""The pack's rooms import one way, with no cycles, lazy imports included (CONTRIBUTING.md, Layout)."""
+"""The pack's rooms import one way, with no cycles, lazy imports included: the runtime that ComfyUI loads (the root
+``__init__.py``, ``nodes/``, ``solver/`` and the calibrator's ``calibration/``) never imports the lab (``training/``).
+CONTRIBUTING.md, Layout, says the same in words."""
 
 import ast
+from graphlib import TopologicalSorter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+RUNTIME = ("", "nodes", "solver", "calibration")
 # Importer room -> the rooms it may import. ``a`` <- ``b`` in CONTRIBUTING.md's words is ``b: {a}`` here.
 ALLOWED = {
     "": {"nodes", "solver"},  # the root __init__.py, ComfyUI's entry
     "solver": set(),
-    "nodes": {"solver", "training.calibration"},
+    "calibration": {"solver"},
+    "nodes": {"solver", "calibration"},
     "training": {"training.trainer"},  # __main__.py, the trainer's entry
-    "training.calibration": {"solver"},
     "training.testbeds": {"solver"},
-    "training.evaluation": {"solver", "training.calibration", "training.testbeds"},
-    "training.trainer": {"solver", "training.calibration", "training.evaluation", "training.testbeds"},
+    "training.evaluation": {"solver", "calibration", "training.testbeds"},
+    "training.trainer": {"solver", "calibration", "training.evaluation", "training.testbeds"},
 }
 
 
@@ -29,16 +33,36 @@ def relative_imports(path: Path) -> set[str]:
         if isinstance(node, ast.ImportFrom) and node.level:
             base = package[: len(package) - node.level + 1]
             imported.add(room(base + (node.module.split(".") if node.module else [])))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            imported |= {room(name.split(".")[1:]) for name in names if name.startswith("consistency_solver.")}
     return imported
 
 
+def sources() -> list[Path]:
+    found = [p for p in ROOT.rglob("*.py") if p.parts[len(ROOT.parts)] not in ("tests", ".venv", ".comfyui")]
+    assert len(found) > 30
+    return found
+
+
 def test_every_import_between_rooms_goes_the_allowed_way():
-    sources = [p for p in ROOT.rglob("*.py") if p.parts[len(ROOT.parts)] not in ("tests", ".venv", ".comfyui")]
-    assert len(sources) > 30
     wrong = []
-    for path in sources:
+    for path in sources():
         own = room(list(path.relative_to(ROOT).parent.parts))
         for target in relative_imports(path) - {own}:
             if target not in ALLOWED[own]:
                 wrong.append(f"{path.relative_to(ROOT)} imports {target}")
     assert not wrong
+
+
+def test_the_runtime_imports_nothing_of_the_lab():
+    runtime = [p for p in sources() if room(list(p.relative_to(ROOT).parent.parts)) in RUNTIME]
+    assert {room(list(p.relative_to(ROOT).parent.parts)) for p in runtime} == set(RUNTIME)
+    lab = [f"{p.relative_to(ROOT)}" for p in runtime if any(r.startswith("training") for r in relative_imports(p))]
+    assert not lab
+    assert not any(target.startswith("training") for room_name in RUNTIME for target in ALLOWED[room_name])
+
+
+def test_the_rooms_form_no_cycle():
+    order = list(TopologicalSorter(ALLOWED).static_order())  # raises CycleError on a cycle
+    assert set(order) >= set(ALLOWED)

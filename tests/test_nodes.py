@@ -135,6 +135,33 @@ def test_preview_and_refine_declare_the_issue_inputs_and_outputs(live_lists):
     assert sampler["required"]["coefficients"][0] == [AUTO, "mine.safetensors", *MARKED_PRESETS]
 
 
+def test_the_preview_shows_its_previews_only_when_a_vae_is_connected(live_lists, monkeypatch):
+    """Without a VAE the preview returns what it did before; with one it adds the images to show (issue 23)."""
+    vae_input = definitions.DiffusionPreview.INPUT_TYPES()["optional"]["vae"]
+    assert vae_input[0] == "VAE" and "click" in vae_input[1]["tooltip"]
+    assert definitions.DiffusionPreview.OUTPUT_NODE is True  # shows its previews with nothing after it
+    assert "click the previews" in definitions.DiffusionRefine.INPUT_TYPES()["required"]["select"][1]["tooltip"]
+    shown = []
+
+    class Runtime:
+        @staticmethod
+        def run_preview(model, positive, negative, latent_image, request):
+            return {"samples": "preview"}, "state"
+
+        @staticmethod
+        def preview_images(vae, preview, state):
+            shown.append((vae, preview, state))
+            return {"images": ["decoded"]}
+
+    monkeypatch.setattr(definitions, "_runtime", lambda: Runtime)
+    settings = ("model", "positive", "negative", {"samples": "empty"}, 42, 8, 7.0, "karras", 1.0, "auto")
+    assert definitions.DiffusionPreview().preview(*settings) == ({"samples": "preview"}, "state")
+    assert shown == []
+    with_vae = definitions.DiffusionPreview().preview(*settings, vae="vae")
+    assert with_vae == {"ui": {"images": ["decoded"]}, "result": ({"samples": "preview"}, "state")}
+    assert shown == [("vae", {"samples": "preview"}, "state")]
+
+
 def test_loader_and_sampler_nodes_pass_the_selection_on():
     (selection,) = definitions.ConsistencySolverCoefficients().load("ab3", "expectation", True)
     assert selection == CoefficientSelection("ab3", "expectation", True)

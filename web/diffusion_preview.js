@@ -8,8 +8,8 @@
 // on screen, and the approving run reuses the cached preview.
 import { app } from "../../scripts/app.js";
 
-const PREVIEW = "DiffusionPreview";
-const REFINE = "DiffusionRefine";
+export const PREVIEW = "DiffusionPreview";
+export const REFINE = "DiffusionRefine";
 const REROUTE = "Reroute";
 // The frontend's own bounds for a number that "randomize" may reach.
 const LARGEST_SEED = 1125899906842624;
@@ -26,17 +26,23 @@ function linkTargets(graph, node) {
   return targets;
 }
 
-function approvedDownstream(preview) {
-  const pending = linkTargets(preview.graph, preview);
+// The Diffusion Refine nodes a Diffusion Preview feeds, directly or through reroutes, nearest link first.
+export function refinesFedBy(preview) {
+  const refines = [];
+  const pending = linkTargets(preview.graph, preview).reverse();
   const seen = new Set();
   while (pending.length) {
     const node = pending.pop();
     if (seen.has(node.id)) continue;
     seen.add(node.id);
-    if (node.type === REFINE && node.widgets?.find((widget) => widget.name === "approve")?.value) return true;
-    if (node.type === REROUTE) pending.push(...linkTargets(node.graph, node));
+    if (node.type === REFINE) refines.push(node);
+    if (node.type === REROUTE) pending.push(...linkTargets(node.graph, node).reverse());
   }
-  return false;
+  return refines;
+}
+
+function approvedDownstream(preview) {
+  return refinesFedBy(preview).some((refine) => refine.widgets?.find((widget) => widget.name === "approve")?.value);
 }
 
 function nextSeed(mode, seed) {

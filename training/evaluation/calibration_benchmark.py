@@ -1,16 +1,16 @@
-"""Calibration benchmark: the forward-only calibrator on every bed, against the stock samplers and the trained files.
+"""The calibration benchmark, the artist's case: calibrate as the Calibrate node does, on one prompt, and judge it.
 
-    python -m consistency_solver.training.evaluation.calibration_benchmark [--beds NAME ...] [--budget 3000]
-        [--budgets 500 1000 2000 4000 8000] [--plot-beds NAME ...] [--out DIR] [--quick]
+    python -m consistency_solver.training.evaluation.calibration_benchmark [--beds NAME ...] [--classes 0 3 7]
+        [--budget 3000] [--prompts 1 3] [--out DIR]
 
-For each bed: calibrate 5 and 8 steps together within ``--budget`` model calls (the 40-step reference runs of the
-calibration noises included), then compare on held-out noises (GMM beds 2048, Fashion 64, as the benchmark)
-with the bed's own trained file and the default file (each on its learned schedule) and every stock ComfyUI
-sampler (the project's dpmpp_2m when ComfyUI is absent). The acceptance of issue 10 is checked per cell:
-calibrated <= 0.8x (5 steps) / 1.0x (8 steps) the best stock sampler, and <= 1.25x the own file, or <= 1.1x the
-own file where the own file itself misses the stock ratio. Then the budget curve: held-out RMSE against the
-budget at 5 and 8 steps on ``--plot-beds``. Tables go to stdout and ``OUT/calibration.md``, numbers to
-``OUT/calibration.json``, the plot to ``OUT/calibration_budget.png``.
+Per learned bed and class: the refine is the node's default (ComfyUI's dpmpp_2m, ``simple``, 30 steps, the bed's
+guidance); the calibration runs the runtime's calibrator with its guard as the node drives it (probe, candidates,
+noise plan, record, fit, validate) within the node's default budget of model calls, on the class as its prompt
+(with ``--prompts 3``: on that class and the next two, the noises spread over them, as the node does with three
+prompts). The file is judged on 64 fresh noises of that class and 64 of the other classes (for three prompts: of
+the seven classes it never saw), against every stock ComfyUI sampler on the family's schedulers and the bundled
+default on its learned schedule: RMSE to the refine of the same noise. Tables to stdout and ``OUT/calibration.md``,
+numbers to ``OUT/calibration.json``.
 """
 
 from __future__ import annotations
@@ -22,167 +22,109 @@ from pathlib import Path
 
 import torch
 
-from ...solver import load_coefficients, model_kind
+from ...solver import load_coefficients
 from ...solver.defaults import BUNDLED_DIR, default_file_name
-from ..testbeds import COEFFICIENTS_DIR, FASHION_BED, FASHION_BEDS, TESTBED_NAMES, get_testbed
-from .calibrated import (
-    CALIBRATED,
-    calibrate_bed,
-    calibration_noises,
-    held_out_comparison,
-    stock_rows,
-)
+from ..testbeds import FASHION_BEDS, get_testbed
+from .calibrated import CALIBRATED, calibrate_bed, default_refine, judge, ratio_to_best_stock
+from .references import held_out_seeds, seeded_batch
+from .stock_samplers import comfy_unavailable_reason
 
 STEPS = (5, 8)
-STOCK_RATIO = {5: 0.8, 8: 1.0}
-OWN_RATIO, OWN_MISSED_RATIO = 1.25, 1.1
 BUDGET = 3000
-BUDGETS = (500, 1000, 2000, 4000, 8000)
-PLOT_BEDS = (FASHION_BED, "gmm-vector-eps-cfg", "gmm-image-flow-cfg")
-HELD_OUT = {"gmm": 2048, "fashion": 64}
-OWN, DEFAULT = "own trained file", "default file"
+JUDGE_NOISES = 64
+CLASSES = (0, 3, 7)
+DEFAULT = "default"
 
 
-def held_out_count(name: str) -> int:
-    return HELD_OUT["fashion" if name in FASHION_BEDS else "gmm"]
+def prompt_classes(label: int, prompts: int, classes: int) -> list[int]:
+    return [(label + k) % classes for k in range(prompts)]
 
 
-def bed_row(name: str, budget: int) -> dict:
-    """Calibrate one bed and compare it on held-out noises; every number of its table row."""
-    torch.manual_seed(0)
+def bed_cells(name: str, label: int, prompts: int, budget: int) -> dict:
+    """Calibrate on ``prompts`` classes from ``label`` and judge on the calibrated classes and on the others."""
     bed = get_testbed(name)
-    noises = calibration_noises(budget, STEPS)
+    refine = default_refine(bed)
+    seen = prompt_classes(label, prompts, bed.num_classes)
     started = time.perf_counter()
-    calibration = calibrate_bed(bed, STEPS, budget, noises)
+    calibration = calibrate_bed(bed, STEPS, budget, classes=seen, refine=refine)
     seconds = time.perf_counter() - started
-    sources = {
-        CALIBRATED: calibration.coefficients,
-        OWN: load_coefficients(COEFFICIENTS_DIR / f"{name}.safetensors"),
-        DEFAULT: load_coefficients(BUNDLED_DIR / default_file_name(model_kind(bed.model_family))),
-    }
-    rows = held_out_comparison(bed, sources, STEPS, held_out_count(name))
-    cells = {}
-    for n in STEPS:
-        best = min(stock_rows(rows), key=lambda row: rows[row][n])
-        stock = rows[best][n]
-        own, calibrated = rows[OWN][n], rows[CALIBRATED][n]
-        own_misses = own > STOCK_RATIO[n] * stock
-        limit = OWN_MISSED_RATIO * own if own_misses else min(STOCK_RATIO[n] * stock, OWN_RATIO * own)
-        cells[n] = {
-            "calibrated": calibrated,
-            "own": own,
-            "default": rows[DEFAULT][n],
-            "best_stock": best,
-            "best_stock_rmse": stock,
-            "vs_stock": calibrated / stock,
-            "vs_own": calibrated / own,
-            "limit": limit,
-            "passes": calibrated <= limit,
-        }
-    return {
-        "bed": name,
-        "model_calls": calibration.model_calls,
-        "seconds": seconds,
-        "noises": noises,
-        "held_out": held_out_count(name),
-        "cells": cells,
-        "rows": rows,
-    }
-
-
-def budget_curve(name: str, budgets: tuple[int, ...]) -> dict[int, dict]:
-    """Held-out RMSE at every budget (5 and 8 steps), with the calls and seconds each calibration took."""
-    bed = get_testbed(name)
-    curve = {}
-    for budget in budgets:
-        noises = calibration_noises(budget, STEPS)
-        started = time.perf_counter()
-        calibration = calibrate_bed(bed, STEPS, budget, noises)
-        seconds = time.perf_counter() - started
-        rows = held_out_comparison(bed, {CALIBRATED: calibration.coefficients}, STEPS, held_out_count(name))
-        curve[budget] = {"rmse": rows[CALIBRATED], "model_calls": calibration.model_calls, "seconds": seconds}
-    return curve
+    default = load_coefficients(BUNDLED_DIR / default_file_name(bed.kind))
+    sources = {CALIBRATED: calibration.coefficients, DEFAULT: default}
+    noise, drawn = seeded_batch(bed, held_out_seeds(2 * JUDGE_NOISES))
+    same = torch.tensor([seen[j % len(seen)] for j in range(JUDGE_NOISES)])
+    unseen = [c for c in range(bed.num_classes) if c not in seen]
+    others = torch.tensor([unseen[int(c) % len(unseen)] for c in drawn[JUDGE_NOISES:]])
+    result = {"bed": name, "class": label, "prompts": seen, "seconds": seconds, "refine": refine.label,
+              **calibration.summary()}  # fmt: skip
+    for prompt, labels, part in (("same", same, noise[:JUDGE_NOISES]), ("other", others, noise[JUDGE_NOISES:])):
+        rows = judge(bed, refine, sources, part, labels, STEPS)
+        result[prompt] = {}
+        for n in STEPS:
+            vs_stock, best = ratio_to_best_stock(rows, CALIBRATED, n)
+            guard = min(rows[CALIBRATED][n] / vs_stock, rows[DEFAULT][n])
+            result[prompt][str(n)] = {
+                CALIBRATED: rows[CALIBRATED][n],
+                DEFAULT: rows[DEFAULT][n],
+                "best_stock": best,
+                "best_stock_rmse": rows[CALIBRATED][n] / vs_stock,
+                "vs_stock": vs_stock,
+                "vs_guard": rows[CALIBRATED][n] / guard,
+            }
+    return result
 
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| bed | steps | calibrated | own file | default file | best stock | vs stock | vs own | limit | "
-        "pass | model calls | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| bed | prompts | steps | the file uses | same prompt: RMSE (x best stock, x min(stock, default)) | "
+        "other prompts | default: same / other (x best stock) | model calls | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for result in results:
-        for n, cell in result["cells"].items():
+    for r in results:
+        for n in map(str, STEPS):
+            same, other = r["same"][n], r["other"][n]
+            default = "/".join(f"{p[DEFAULT] / p['best_stock_rmse']:.2f}x" for p in (same, other))
             lines.append(
-                f"| {result['bed']} | {n} | {cell['calibrated']:.3f} | {cell['own']:.3f} | {cell['default']:.3f} | "
-                f"{cell['best_stock_rmse']:.3f} ({cell['best_stock'].removeprefix('ComfyUI ')}) | "
-                f"{cell['vs_stock']:.2f}x | {cell['vs_own']:.2f}x | {cell['limit']:.3f} | "
-                f"{'yes' if cell['passes'] else 'MISS'} | {result['model_calls']} | {result['seconds']:.0f} |"
+                f"| {r['bed']} | {','.join(map(str, r['prompts']))} | {n} | {r['winners'][n]} | "
+                f"{same[CALIBRATED]:.4f} ({same['vs_stock']:.2f}x, {same['vs_guard']:.2f}x) | "
+                f"{other[CALIBRATED]:.4f} ({other['vs_stock']:.2f}x, {other['vs_guard']:.2f}x) | {default} | "
+                f"{r['model_calls']} | {r['seconds']:.0f} |"
+            )
+    lines.append("")
+    for n in map(str, STEPS):
+        for prompt in ("same", "other"):
+            ratios = [r[prompt][n]["vs_stock"] for r in results]
+            worst = max(results, key=lambda r: r[prompt][n]["vs_guard"])
+            lines.append(
+                f"- {n} steps, {prompt} prompt: mean {sum(ratios) / len(ratios):.3f}x the best stock sampler; worst "
+                f"cell {worst[prompt][n]['vs_guard']:.3f}x min(best stock, default) ({worst['bed']}, class "
+                f"{worst['class']})"
             )
     return "\n".join(lines)
 
 
-def plot(path: Path, curves: dict[str, dict[int, dict]], results: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4), squeeze=False)
-    stock = {r["bed"]: r["cells"] for r in results}
-    for axis, (name, curve) in zip(axes[0], curves.items(), strict=True):
-        budgets = sorted(curve)
-        for n, color in zip(STEPS, ("tab:blue", "tab:orange"), strict=True):
-            axis.plot(budgets, [curve[b]["rmse"][n] for b in budgets], "o-", color=color, label=f"calibrated, {n}")
-            if name in stock:
-                cell = stock[name][n]
-                axis.axhline(cell["best_stock_rmse"], color=color, ls=":", label=f"best stock, {n}")
-                axis.axhline(cell["own"], color=color, ls="--", label=f"own trained file, {n}")
-        axis.set(xscale="log", yscale="log", xlabel="model calls (budget)", ylabel="held-out RMSE", title=name)
-        axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # Each bed is judged against its own trained file, so only beds that have one can be chosen.
-    trained_beds = [name for name in TESTBED_NAMES if (COEFFICIENTS_DIR / f"{name}.safetensors").is_file()]
-    parser.add_argument("--beds", nargs="+", choices=trained_beds, default=trained_beds)
+    parser.add_argument("--beds", nargs="+", default=list(FASHION_BEDS), choices=FASHION_BEDS)
+    parser.add_argument("--classes", nargs="+", type=int, default=list(CLASSES))
     parser.add_argument("--budget", type=int, default=BUDGET)
-    parser.add_argument("--budgets", type=int, nargs="*", default=list(BUDGETS))
-    parser.add_argument("--plot-beds", nargs="*", choices=TESTBED_NAMES, default=list(PLOT_BEDS))
-    parser.add_argument("--out", type=Path, default=Path("outputs") / "calibration")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--prompts", nargs="+", type=int, default=[1], help="prompts per calibration (1 and/or 3)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/calibration"))
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    if comfy_unavailable_reason() is not None:
+        parser.error(f"the artist's case compares with ComfyUI's samplers: {comfy_unavailable_reason()}")
+    torch.set_num_threads(1)
     results = []
-    for name in args.beds:
-        results.append(bed_row(name, args.budget))
-        print("\n".join(table(results[-1:]).splitlines()[2:]), flush=True)
-    curves = {name: budget_curve(name, tuple(args.budgets)) for name in args.plot_beds if args.budgets}
-    text = f"Calibration at {args.budget} model calls, 5 and 8 steps together\n\n{table(results)}\n"
-    if curves:
-        text += "\nBudget curve (held-out RMSE at 5 / 8 steps, model calls, seconds):\n\n"
-        text += "| bed | " + " | ".join(str(b) for b in args.budgets) + " |\n"
-        text += "|---|" + "---|" * len(args.budgets) + "\n"
-        for name, curve in curves.items():
-            text += (
-                f"| {name} | "
-                + " | ".join(
-                    f"{curve[b]['rmse'][5]:.3f} / {curve[b]['rmse'][8]:.3f} ({curve[b]['model_calls']}, "
-                    f"{curve[b]['seconds']:.0f} s)"
-                    for b in args.budgets
-                )
-                + " |\n"
-            )
-        plot(args.out / "calibration_budget.png", curves, results)
+    for prompts in args.prompts:
+        for name in args.beds:
+            for label in args.classes:
+                results.append(bed_cells(name, label, prompts, args.budget))
+                print(json.dumps({k: results[-1][k] for k in ("bed", "prompts", "winners", "same", "other")}),
+                      flush=True)  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "calibration.json").write_text(json.dumps(results, indent=1))
+    text = "\n\n".join(table([r for r in results if len(r["prompts"]) == p]) for p in args.prompts)
+    (args.out / "calibration.md").write_text(text + "\n")
     print(text)
-    (args.out / "calibration.md").write_text(text)
-    (args.out / "calibration.json").write_text(
-        json.dumps({"results": results, "curves": curves}, indent=2, sort_keys=True, default=str)
-    )
 
 
 if __name__ == "__main__":

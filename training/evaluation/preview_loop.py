@@ -39,11 +39,11 @@ from tqdm.auto import tqdm
 from ...solver import load_coefficients
 from ...solver.schedules import DiscreteSchedule
 from ..testbeds import FASHION_BED, get_testbed, run_sigmas
-from .calibrated import calibrate_bed, calibration_noises
+from .calibrated import Refine, calibrate_bed
 from .demo import coefficient_file
 from .evaluator import sample_previews, solver_sampler
 from .metrics import consistency_rmse
-from .references import held_out_seeds, multistep_run, seeded_batch
+from .references import held_out_seeds, multistep_run, reference_sampler, seeded_batch
 from .stock_samplers import sample_dpmpp_2m
 
 FINAL_STEPS = 40
@@ -147,7 +147,8 @@ def run(
     from ..testbeds.fashion import load_classifier
 
     bed, classifier = get_testbed(FASHION_BED), load_classifier()
-    calibration = calibrate_bed(bed, (preview_steps,), budget, calibration_noises(budget, (preview_steps,)))
+    final = Refine(reference_sampler, bed.sigmas(FINAL_STEPS), f"the {FINAL_STEPS}-step reference")
+    calibration = calibrate_bed(bed, (preview_steps,), budget, refine=final)
     files = {
         DEFAULT_FILE: load_coefficients(coefficient_file(coefficients_path)),
         CALIBRATED_FILE: calibration.coefficients,

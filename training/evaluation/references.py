@@ -146,13 +146,27 @@ def multistep_run(
     """The uncached ``method="multistep"`` run; ``callback`` sees every step's ``i`` and ``denoised``, as a
     ComfyUI sampler callback does (what the live preview of a refine run shows)."""
     sigmas = bed.sigmas(steps).to(noise.dtype)
-    model = bed.model(labels)
-    x = bed.initial_state(noise, sigmas)
+    return reference_sampler(bed.model(labels), bed.initial_state(noise, sigmas), sigmas, callback=callback)
+
+
+def reference_sampler(
+    model: Callable[..., Tensor],
+    x: Tensor,
+    sigmas: Tensor,
+    extra_args: dict | None = None,
+    callback: Callable[[dict], None] | None = None,
+    disable: bool | None = None,
+) -> Tensor:
+    """The multistep reference as a sampler (k-diffusion contract): MULTISTEP_PRESET to the last nonzero sigma,
+    then the model's denoised estimate there, as the stock samplers end."""
+    extra_args = extra_args or {}
     preset = Preset(MULTISTEP_PRESET)
-    x_last = sample_consistency_solver(model, x, sigmas[:-1], callback=callback, disable=True, coefficients=preset)
-    finals = model(x_last, sigmas[-2] * x.new_ones(x.shape[0]))
+    x_last = sample_consistency_solver(
+        model, x, sigmas[:-1], extra_args, callback=callback, disable=True, coefficients=preset
+    )
+    finals = model(x_last, sigmas[-2] * x.new_ones(x.shape[0]), **extra_args)
     if callback is not None:
-        callback({"x": x_last, "i": steps - 1, "sigma": sigmas[-2], "sigma_hat": sigmas[-2], "denoised": finals})
+        callback({"x": x_last, "i": len(sigmas) - 2, "sigma": sigmas[-2], "sigma_hat": sigmas[-2], "denoised": finals})
     return finals
 
 

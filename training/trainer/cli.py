@@ -34,14 +34,15 @@ from ...solver import format_steps, parse_step_counts, save_coefficients
 from ...solver.coefficients import ROW_SUMS
 from ...solver.files import model_kind
 from ...solver.policy import LAST_STEPS
-from ..evaluation.calibrated import (
-    CALIBRATED,
-    calibrate_bed,
-    calibration_noises,
-    held_out_comparison,
-    ratios_to_best_stock,
+from ..evaluation.calibrated import CALIBRATED, Refine, calibrate_bed, judge, ratio_to_best_stock
+from ..evaluation.references import (
+    REFERENCE_METHODS,
+    TRAINING_SEED_LIMIT,
+    held_out_seeds,
+    reference_cache_dir,
+    reference_sampler,
+    seeded_batch,
 )
-from ..evaluation.references import REFERENCE_METHODS, TRAINING_SEED_LIMIT, reference_cache_dir
 from ..testbeds import GMM_BEDS, TESTBED_NAMES, get_testbed
 from . import distributed
 from .comfy_model import (
@@ -74,7 +75,7 @@ from .ppo import PPOSettings
 from .report import write_report
 from .rewards import REWARD_NAMES, load_feature_encoder, make_reward
 
-CALIBRATE = "calibrate"  # forward-only calibration (training.calibration), not a TrainConfig mode
+CALIBRATE = "calibrate"  # forward-only calibration (the runtime's calibration room), not a TrainConfig mode
 
 
 def checked(convert: Callable[[str], Any], rule: str, valid: Callable[[Any], bool] = lambda value: True):
@@ -128,18 +129,11 @@ def parser() -> argparse.ArgumentParser:
         "--budget model calls: one bed or checkpoint)",
     )
     method.add_argument(
-        "--budget", type=int, default=3000, help="calibrate: most model calls, the reference runs included"
-    )
-    method.add_argument(
-        "--calibration-noises",
+        "--budget",
         type=int,
-        help="calibrate: noises with a reference run (training seeds; default: as many as --budget pays for)",
-    )
-    method.add_argument(
-        "--end-to-end",
-        action="store_true",
-        help="calibrate: spend the rest of the budget on Gauss-Newton rounds on the final error (helps Fashion at 8 "
-        "steps, hurts the mixtures' held-out error)",
+        default=3000,
+        help="calibrate: most model calls, the reference runs included; it sets how many noises are fitted on and "
+        "held out",
     )
     method.add_argument("--steps", type=STEP_COUNTS, default=tuple(range(4, 13)), help="step counts (default 4-12)")
     method.add_argument("--updates", type=int, default=200)
@@ -503,9 +497,9 @@ def calibrate_main(args: argparse.Namespace, command: str) -> None:
     else:
         bed, name = get_testbed(args.bed[0]), args.bed[0]
     steps = tuple(sorted(set(args.steps)))
+    refine = Refine(reference_sampler, bed.sigmas(args.reference_steps), f"the {args.reference_steps}-step reference")
     try:
-        noises = args.calibration_noises or calibration_noises(args.budget, steps, args.reference_steps)
-        calibration = calibrate_bed(bed, steps, args.budget, noises, args.reference_steps, args.end_to_end)
+        calibration = calibrate_bed(bed, steps, args.budget, refine=refine)
     except ValueError as error:  # BudgetTooSmall and target problems, raised before any model call
         raise SystemExit(f"error: {error}") from error
     training = {"command": command, "mode": CALIBRATE, "trained_on": [name], **calibration.summary()}
@@ -517,18 +511,16 @@ def calibrate_main(args: argparse.Namespace, command: str) -> None:
     save_coefficients(args.output, calibration.coefficients, model_family=family, description=description,
                       training=training)  # fmt: skip
     report_steps = tuple(args.report_steps or steps)
-    rows = held_out_comparison(bed, {CALIBRATED: calibration.coefficients}, report_steps, args.held_out_count)
-    report = {
-        **training,
-        "held_out_count": args.held_out_count,
-        "held_out_rmse": rows,
-        "ratios": ratios_to_best_stock(rows),
-    }
+    noise, labels = seeded_batch(bed, held_out_seeds(args.held_out_count))
+    rows = judge(bed, refine, {CALIBRATED: calibration.coefficients}, noise, labels, report_steps)
+    ratios = {n: dict(zip(("ratio", "best_stock"), ratio_to_best_stock(rows, CALIBRATED, n), strict=True))
+              for n in report_steps}  # fmt: skip
+    report = {**training, "held_out_count": args.held_out_count, "held_out_rmse": rows, "ratios": ratios}
     report_dir = Path(args.report_dir) if args.report_dir else Path(args.output).with_suffix("")
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
-    print(json.dumps({"output": args.output, "report": str(report_dir), **calibration.summary(),
-                      "ratios": report["ratios"]}, indent=2))  # fmt: skip
+    print(json.dumps({"output": args.output, "report": str(report_dir), **calibration.summary(), "ratios": ratios},
+                     indent=2))  # fmt: skip
 
 
 def train_or_explain(
