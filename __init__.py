@@ -16,5 +16,5 @@ if "comfy.samplers" in sys.modules and __package__:
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, register
 
     register()
-    WEB_DIRECTORY = "./web"  # frontend extensions: the seed shown stays; previews are picked by click
+    WEB_DIRECTORY = "./web"  # frontend extensions: the seed shown stays; previews picked by click; calibration report
     __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

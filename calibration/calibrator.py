@@ -36,9 +36,13 @@ CALIBRATOR_REVISION = 4
 # The stock choices the guard races the fit against: ComfyUI's linear multistep samplers an artist picks, on the
 # schedulers that suit the model family (the bundled default, on its learned schedule, races too).
 CANDIDATE_SAMPLERS = ("euler", "dpmpp_2m", "deis", "ipndm_v", "uni_pc")
-CANDIDATE_SCHEDULERS = {"eps": ("karras", "simple", "exponential"), "flow": ("simple", "beta", "karras")}
-MIN_HELD_OUT, HELD_OUT_SHARE = 4, 0.25  # a quarter of the noises judge the fit; never fewer than 4
+CANDIDATE_SCHEDULERS = {"eps": ("karras", "simple", "beta"), "flow": ("simple", "beta", "normal")}
+# How the noises are shared: a dozen fit noises fit as well as three dozen (measured on Fashion), while the held-out
+# ones decide between candidates whose RMSE may differ by a few percent.
+MIN_HELD_OUT, HELD_OUT_SHARE = 4, 0.4
 MIN_FIT = 2
+SEARCHED = "searched"  # the schedule the fit searches on the refine's sigmas by local error
+SCHEDULE_FINALISTS = 2  # fitted schedules that go on to the race, the best by their fit noises' final error
 
 
 class BudgetTooSmall(ValueError):
@@ -62,30 +66,62 @@ class NoisePlan:
         return self.fit + self.held_out
 
 
-def plan_cost(fit: int, held_out: int, refine_calls: int, steps: Sequence[int], candidates: int) -> int:
-    """Model calls of a calibration: the refine of every noise, one greedy rollout per step count on the fit noises,
-    the validation race on the held-out ones."""
-    fitting = fit * sum(n - 1 for n in steps)
-    return (fit + held_out) * refine_calls + fitting + validation_cost(candidates, held_out, list(steps))
+def plan_cost(fit: int, held_out: int, refine_calls: int, fit_calls: int, race: int, steps: Sequence[int]) -> int:
+    """Model calls of a calibration: the refine of every noise, ``fit_calls`` per fit noise (a greedy rollout per
+    schedule tried), the race of ``race`` candidates on the held-out noises."""
+    return (fit + held_out) * refine_calls + fit * fit_calls + validation_cost(race, held_out, list(steps))
 
 
-def plan_noises(budget: int, refine_calls: int, steps: Sequence[int], candidates: int) -> NoisePlan:
-    """The most noises ``budget`` pays for, a quarter of them (at least MIN_HELD_OUT) held out; BudgetTooSmall when
-    it cannot pay for MIN_FIT + MIN_HELD_OUT. ``refine_calls`` is one refine run's calls per noise, ``candidates``
-    how many the guard races (the calibrated fit included)."""
+def plan_noises(
+    budget: int, refine_calls: int, steps: Sequence[int], candidates: Sequence[Candidate], grid: Tensor
+) -> NoisePlan:
+    """The most noises ``budget`` pays for, HELD_OUT_SHARE of them (at least MIN_HELD_OUT) held out; BudgetTooSmall
+    when it cannot pay for MIN_FIT + MIN_HELD_OUT. ``refine_calls`` is one refine run's calls per noise, ``grid`` its
+    sigmas, ``candidates`` what the fit races (their schedules are tried by the fit too)."""
+    tried = schedules_to_fit(grid, steps, candidates)
+    fit_calls = sum((n - 1) * (1 + len(tried[n])) for n in steps)
+    race = len(candidates) + SCHEDULE_FINALISTS
 
-    def split(noises: int) -> tuple[int, int]:
+    def cost(noises: int) -> int:
         held_out = max(MIN_HELD_OUT, round(HELD_OUT_SHARE * noises))
-        return noises - held_out, held_out
+        return plan_cost(noises - held_out, held_out, refine_calls, fit_calls, race, steps)
 
-    smallest = plan_cost(MIN_FIT, MIN_HELD_OUT, refine_calls, steps, candidates)
-    if budget < smallest:
-        raise BudgetTooSmall(budget, smallest)
-    noises = MIN_FIT + MIN_HELD_OUT
-    while plan_cost(*split(noises + 1), refine_calls, steps, candidates) <= budget:
+    smallest = MIN_FIT + MIN_HELD_OUT
+    if budget < cost(smallest):
+        raise BudgetTooSmall(budget, cost(smallest))
+    noises = smallest
+    while cost(noises + 1) <= budget:
         noises += 1
-    fit, held_out = split(noises)
-    return NoisePlan(fit, held_out, plan_cost(fit, held_out, refine_calls, steps, candidates))
+    held_out = max(MIN_HELD_OUT, round(HELD_OUT_SHARE * noises))
+    return NoisePlan(noises - held_out, held_out, cost(noises))
+
+
+def snapped(grid: Tensor, sigmas: Tensor) -> list[int]:
+    """The refine sigmas (indices into ``grid``, its nonzero sigmas) nearest in log sigma to a schedule's nonzero
+    ``sigmas``; where two land on one, the later moves on to the next (or, at the end of the grid, the earlier back),
+    so the schedule keeps its steps when the grid has room."""
+    logs = grid.double().log()
+    indices = [int((logs - s.log()).abs().argmin()) for s in sigmas.double()[sigmas > 0]]
+    for i in range(1, len(indices)):
+        indices[i] = max(indices[i], indices[i - 1] + 1)
+    last = len(grid) - 1
+    for i in reversed(range(len(indices))):
+        indices[i] = min(indices[i], last - (len(indices) - 1 - i))
+    return indices if len(set(indices)) == len(indices) and indices[0] >= 0 else []
+
+
+def schedules_to_fit(grid: Tensor, steps: Sequence[int], candidates: Sequence[Candidate]) -> dict[int, dict[str, list]]:
+    """Per step count, the schedules the fit tries besides the one it searches: the candidates' own (by schedule
+    name), placed on the refine's sigmas ``grid``, where they keep all their steps, each once."""
+    tried: dict[int, dict[str, list]] = {}
+    for n in steps:
+        tried[n] = {}
+        for candidate in candidates:
+            if n in candidate.sigmas and candidate.schedule and candidate.schedule not in tried[n]:
+                indices = snapped(grid, candidate.sigmas[n])
+                if len(indices) == n and indices and indices[0] == 0 and indices not in tried[n].values():
+                    tried[n][candidate.schedule] = indices
+    return tried
 
 
 def source_candidate(
@@ -95,8 +131,10 @@ def source_candidate(
     sigmas: Callable[[int], Tensor],
     steps: Sequence[int],
     model_sampling: Any = None,
+    schedule: str = "",
 ) -> Candidate:
-    """A coefficient source (the pack's default, a preset) as a candidate on ``sigmas(n)`` for each count it holds."""
+    """A coefficient source (the pack's default, a preset) as a candidate on ``sigmas(n)`` (the ``schedule``) for each
+    count it holds."""
     runs, tables = {}, {}
     for n in steps:
         try:
@@ -104,14 +142,17 @@ def source_candidate(
             tables[n] = coefficient_table(source, runs[n], model_sampling)
         except UntrainedStepCount:
             runs.pop(n, None)
-    return Candidate(label, kind, runs, tables)
+    return Candidate(label, kind, runs, tables, schedule)
 
 
-def stock_candidate(label: str, sampler: Callable[..., Tensor], sigmas: Callable[[int], Tensor], steps: Sequence[int]):
+def stock_candidate(
+    label: str, sampler: Callable[..., Tensor], sigmas: Callable[[int], Tensor], steps: Sequence[int], schedule: str
+) -> Candidate:
     """A stock linear multistep sampler (k-diffusion contract) as the weight table that reproduces it on ``sigmas(n)``
-    (``solver.equivalent_table``, no model call); NotLinearMultistep for a sampler outside the family."""
+    (the ``schedule``; ``solver.equivalent_table``, no model call); NotLinearMultistep for a sampler outside the
+    family."""
     runs = {n: sigmas(n).double() for n in steps}
-    return Candidate(label, STOCK, runs, {n: equivalent_table(sampler, runs[n]) for n in steps})
+    return Candidate(label, STOCK, runs, {n: equivalent_table(sampler, runs[n]) for n in steps}, schedule)
 
 
 @dataclass(frozen=True)
@@ -224,22 +265,30 @@ def calibrate(
 
     fit_samples, held_out = torch.arange(plan.fit), torch.arange(plan.fit, plan.noises)
     fit_target = target.subset(fit_samples)  # the schedule search sees no held-out noise
-    fits = {n: greedy_fit(counted, target, fit_samples, searched_schedule(fit_target, n)) for n in steps}
-    fitted = Candidate(
-        CALIBRATED, CALIBRATED, {n: fit.sigmas for n, fit in fits.items()}, {n: fit.weights for n, fit in fits.items()}
-    )
-    everyone = [fitted, *candidates]
+    tried = schedules_to_fit(target.sigmas, steps, candidates)
+    fitted = []
+    for n in steps:
+        schedules = {SEARCHED: searched_schedule(fit_target, n)}
+        schedules |= {name: indices for name, indices in tried[n].items() if indices not in schedules.values()}
+        fits = {name: greedy_fit(counted, target, fit_samples, indices) for name, indices in schedules.items()}
+        # The greedy fit does not aim at the final error, so its error on the fit noises ranks schedules fairly
+        # (measured: it picks the schedule of least held-out error where the local error does not).
+        ranked = sorted(fits, key=lambda name: float((fits[name].final - fit_target.finals.double()).square().mean()))
+        for name in ranked[:SCHEDULE_FINALISTS]:
+            label = f"{CALIBRATED} ({name} schedule)"
+            fitted.append(Candidate(label, CALIBRATED, {n: fits[name].sigmas}, {n: fits[name].weights}, name))
+    everyone = [*fitted, *candidates]
     validation = validate(counted, target, held_out, everyone, steps)
-    chosen = {c.label: c for c in everyone}
+    chosen = {(c.label, n): c for c in everyone for n in c.tables}
     tables, positions = {}, {}
-    order = max(ORDER, *(chosen[label].tables[n].shape[1] for n, label in validation.winners.items()))
+    order = max(ORDER, *(chosen[label, n].tables[n].shape[1] for n, label in validation.winners.items()))
     for n, label in validation.winners.items():
-        table = chosen[label].tables[n]
+        table = chosen[label, n].tables[n]
         tables[n] = torch.nn.functional.pad(table, (0, order - table.shape[1]))
         problem = table_problem(tables[n], "free")
         if problem:
             raise ValueError(f"the {n}-step table of {label} is unusable: its rows {problem}")
-        positions[n] = schedule_positions(chosen[label].sigmas[n], sigma_min, sigma_max).clamp(0, 1)
+        positions[n] = schedule_positions(chosen[label, n].sigmas[n], sigma_min, sigma_max).clamp(0, 1)
         positions[n][0] = 0.0
     coefficients = TableCoefficients(tables=tables, order=order, schedule=StepSchedule(positions), row_sums="free")
     return Calibration(

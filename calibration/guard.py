@@ -25,12 +25,14 @@ CALIBRATED, DEFAULT, STOCK = "calibrated", "default", "stock"
 @dataclass(frozen=True)
 class Candidate:
     """A preview the guard can choose: per step count, its sigmas (steps + 1, in the model's range, from its
-    sigma_max to 0) and weight table [steps, order]. ``kind`` is CALIBRATED, DEFAULT or STOCK."""
+    sigma_max to 0) and weight table [steps, order]. ``kind`` is CALIBRATED, DEFAULT or STOCK; ``schedule`` names
+    its sigmas (a scheduler, ``learned``), which the fit tries too."""
 
     label: str
     kind: str
     sigmas: dict[int, Tensor]
     tables: dict[int, Tensor]
+    schedule: str = ""
 
 
 @dataclass(frozen=True)

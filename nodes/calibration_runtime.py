@@ -85,7 +85,7 @@ def run_calibration(
     candidates = guard_candidates(model, kind, settings.steps)
     refine, target_note, probe = refine_target(model, prompts[0], negative, latent, settings, refine_sigmas)
     try:
-        plan = plan_noises(settings.budget, probe.calls, settings.steps, len(candidates) + 1)
+        plan = plan_noises(settings.budget, probe.calls, settings.steps, candidates, refine_sigmas[refine_sigmas > 0])
     except BudgetTooSmall as error:
         raise ValueError(
             f"Raise the budget of {NODE} to at least {error.minimum} model calls (it is {error.budget}), or lower its "
@@ -138,13 +138,14 @@ def guard_candidates(model: Any, kind: str, steps: tuple[int, ...]) -> list:
             lambda n: default.schedule.sigmas(n, sigma_min, sigma_max),
             steps,
             model_sampling,
+            schedule="learned",
         )
     ]
     for scheduler in CANDIDATE_SCHEDULERS[kind]:
         for name in CANDIDATE_SAMPLERS:
             function = comfy.samplers.sampler_object(name).sampler_function
             sigmas = partial(_sigmas_for, model, name, scheduler)
-            candidates.append(stock_candidate(f"{name} / {scheduler}", function, sigmas, steps))
+            candidates.append(stock_candidate(f"{name} / {scheduler}", function, sigmas, steps, scheduler))
     return candidates
 
 

@@ -609,6 +609,88 @@ def test_the_grid_reads_select_as_the_refine_does(page):
         assert parsed["all"] == (text.strip().lower() == "all"), (text, parsed)
 
 
+CALIBRATE = {
+    "cfg": 3.0,
+    "preview_steps": "5,8",
+    "refine_sampler": "dpmpp_2m",
+    "refine_scheduler": "karras",
+    "refine_steps": 12,
+    "budget": 1000,
+    "file_name": "auto",
+    "recalibrate_for_each_prompt": False,
+}
+REPORT_BOX = "$$calibration_report"  # web/calibration_report.js
+LISTEN_PROGRESS = """() => {
+    window.__calibrationProgress = []
+    window.comfyAPI.api.api.addEventListener("progress", event => window.__calibrationProgress.push(event.detail))
+}"""
+
+
+def calibrate_graph(definitions):
+    """The example's calibrate-then-preview loop on the Fashion-MNIST latent model (a trained model)."""
+    graph = UIGraph(definitions)
+    ids = {
+        "model": graph.add("FashionTestModel", (0, 0), size=(280, 0)),
+        "positive": graph.add("FashionTestClass", (0, 110), size=(280, 0), garment="Sneaker"),
+        "negative": graph.add("FashionTestClass", (0, 230), size=(280, 0), garment="none"),
+        "latent": graph.add("EmptyLatentImage", (0, 350), size=(280, 0), width=112, height=112, batch_size=1),
+        "preview": graph.add("DiffusionPreview", (760, 0), size=(320, 0), seed=7, steps=5, cfg=3.0,
+                             scheduler="consistency_solver"),
+        "save": graph.add("SaveLatent", (1120, 0), size=(280, 0), filename_prefix="latents/calibrated-preview"),
+    }  # fmt: skip
+    for name in ("model", "positive", "negative"):
+        graph.connect(ids[name], 0, ids["preview"], name)
+    graph.connect(ids["latent"], 0, ids["preview"], "latent_image")
+    graph.connect(ids["preview"], 0, ids["save"], "samples")
+    return graph, ids
+
+
+def test_calibrate_once_a_prompt_edit_makes_no_calibration_progress(page, server):
+    """Issue 20: a Calibrate added from the node search has no seed to re-roll; its first run shows its progress and
+    its report; after a prompt edit the next run shows no calibration progress (the file follows the model) and the
+    preview is made again with the new prompt."""
+    graph, ids = calibrate_graph(server.get("/object_info"))
+    page.load_workflow(graph.to_json())
+    show_at_scale_one(page)
+    calibrate = add_from_search(page, "Consistency Solver Calibrate", "Consistency Solver Calibrate")
+    names = page.evaluate("id => app.graph.getNodeById(id).widgets.map(w => w.name)", calibrate)
+    assert "control_after_generate" not in names and "seed" not in names  # nothing re-rolls between runs
+    for name in ("model", "positive", "negative"):
+        connect(page, ids[name], 0, calibrate, name)
+    connect(page, ids["latent"], 0, calibrate, "latent_image")
+    connect(page, calibrate, 0, ids["preview"], "loaded_coefficients")
+    page.evaluate(
+        """([id, values]) => {
+            const node = app.graph.getNodeById(id)
+            for (const [name, value] of Object.entries(values)) node.widgets.find(w => w.name === name).value = value
+            node.pos = [360, 0]
+            app.canvas.setDirty(true, true)
+        }""",
+        [calibrate, CALIBRATE],
+    )
+    page.evaluate(LISTEN_PROGRESS)
+
+    first = run(page, server, timeout=600.0)
+    assert first["status"]["status_str"] == "success", first["status"]
+    progress = page.evaluate("() => window.__calibrationProgress.map(p => String(p.node))")
+    assert str(calibrate) in progress, "the first run showed no calibration progress"
+    report = widget(page, calibrate, REPORT_BOX)
+    assert report.startswith("Judged on") and "x best stock" in report
+    shoot(page, "calibrate-1-first-run")
+
+    page.evaluate(
+        "id => { app.graph.getNodeById(id).widgets.find(w => w.name === 'garment').value = 'Bag' }", ids["positive"]
+    )
+    page.evaluate("() => { window.__calibrationProgress = [] }")
+    second = run(page, server, timeout=600.0)
+    assert second["status"]["status_str"] == "success", second["status"]
+    progress = page.evaluate("() => window.__calibrationProgress.map(p => String(p.node))")
+    assert str(calibrate) not in progress, "a prompt edit calibrated again"
+    assert str(ids["preview"]) in executed_nodes(second)  # the preview is made again, with the new prompt
+    assert widget(page, calibrate, REPORT_BOX) == report
+    shoot(page, "calibrate-2-after-a-prompt-edit")
+
+
 def test_ksampler_at_an_untrained_step_count_says_what_to_change(page, server):
     graph, ids = tiny_graph(server.get("/object_info"), with_refine=False)
     sampler = graph.add("KSampler", (500, 0), seed=1, steps=20, cfg=4.0, sampler_name="consistency_solver",

@@ -197,9 +197,8 @@ def test_ksampler_advanced_and_sampler_custom_advanced(bundled):
         model, noise.generate_noise(latent), 4.0, ab2, sigmas, POSITIVE, NEGATIVE, latent["samples"], seed=5,
     )  # fmt: skip
     assert torch.equal(custom, direct) and model_sampling is not None
-    assert isinstance(
-        runtime.resolved("here", model_sampling, runtime.CoefficientSelection("ab2"), model).source, Preset
-    )
+    ab2_run = runtime.resolved("here", model_sampling, runtime.CoefficientSelection("ab2"), model)
+    assert isinstance(ab2_run.source, Preset)
 
 
 def test_progress_is_reported_every_step(bundled):

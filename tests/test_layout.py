@@ -1,6 +1,6 @@
-"""The pack's rooms import one way, with no cycles, lazy imports included: the runtime that ComfyUI loads (the root
-``__init__.py``, ``nodes/``, ``solver/`` and the calibrator's ``calibration/``) never imports the lab (``training/``).
-CONTRIBUTING.md, Layout, says the same in words."""
+"""The pack's rooms import one way, with no cycles, lazy imports included: the runtime that ComfyUI loads (the
+root ``__init__.py``, ``nodes/``, ``solver/``, the calibrator's ``calibration/``) never imports the lab
+(``training/``)."""
 
 import ast
 from graphlib import TopologicalSorter
@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNTIME = ("", "nodes", "solver", "calibration")
-# Importer room -> the rooms it may import. ``a`` <- ``b`` in CONTRIBUTING.md's words is ``b: {a}`` here.
+# Importer room -> the rooms it may import.
 ALLOWED = {
     "": {"nodes", "solver"},  # the root __init__.py, ComfyUI's entry
     "solver": set(),

@@ -103,7 +103,8 @@ def default_candidate(bed: Any, steps: Sequence[int]) -> Candidate:
     """The bundled default of the bed's family on its learned schedule, as the guard races it."""
     default = load_coefficients(BUNDLED_DIR / default_file_name(bed.kind))
     sigmas = partial(default.schedule.sigmas, sigma_min=bed.sigma_min, sigma_max=bed.sigma_max)
-    return source_candidate(f"default ({default_file_name(bed.kind)})", DEFAULT, default, sigmas, steps)
+    label = f"default ({default_file_name(bed.kind)})"
+    return source_candidate(label, DEFAULT, default, sigmas, steps, schedule="learned")
 
 
 def stock_candidates(bed: Any, samplers: Sequence[str], steps: Sequence[int]) -> list[Candidate]:
@@ -111,11 +112,15 @@ def stock_candidates(bed: Any, samplers: Sequence[str], steps: Sequence[int]) ->
     dpmpp_2m on the bed's own schedule."""
     if comfy_unavailable_reason() is not None:
         sampler, label = dpmpp_2m()
-        return [stock_candidate(label, sampler, bed.sigmas, steps)]
+        return [stock_candidate(label, sampler, bed.sigmas, steps, "the bed's")]
     return [
         stock_candidate(
-            f"{name} / {scheduler}", stock_sampler(name), partial(ksampler_sigmas, bed, name, scheduler), steps
-        )  # fmt: skip
+            f"{name} / {scheduler}",
+            stock_sampler(name),
+            partial(ksampler_sigmas, bed, name, scheduler),
+            steps,
+            scheduler,
+        )
         for scheduler in CANDIDATE_SCHEDULERS[bed.kind]
         for name in samplers
     ]
@@ -143,7 +148,7 @@ def calibrate_bed(
     sigmas = refine.sigmas.float()
     candidates = [default_candidate(bed, steps), *stock_candidates(bed, CANDIDATE_SAMPLERS, steps)]
     probe = probe_sampler(refine.sampler, None, torch.zeros(1, *bed.shape), sigmas)
-    plan = plan_noises(budget, probe.calls, steps, len(candidates) + 1)
+    plan = plan_noises(budget, probe.calls, steps, candidates, sigmas[sigmas > 0])
     seeds = training_seeds(plan.noises)
     noise, _ = seeded_batch(bed, seeds)
     labels = prompt_labels(bed, plan.noises, classes, seeds)
