@@ -30,25 +30,34 @@ BENCHMARK = {
     },
     "overhead_seconds_per_step": {"a": 1e-4, "b": 1e-4},
 }
-CALIBRATION = {
-    "results": [{"bed": "fashion-eps-cfg", "cells": {"5": {"calibrated": 0.11}, "8": {"calibrated": 0.048}}}]
-}
 
 
-def test_the_summary_sets_each_preview_against_what_users_run_today(tmp_path, capsys):
+def calibrated(bed, classes, same_5, same_8):
+    """A calibration benchmark row: the calibrated file's multiple of the best stock sampler, same prompt."""
+    return {"bed": bed, "prompts": classes, "same": {"5": {"vs_stock": same_5}, "8": {"vs_stock": same_8}},
+            "other": {"5": {"vs_stock": 9.0}, "8": {"vs_stock": 9.0}}}  # fmt: skip
+
+
+# Two one-prompt calibrations of the EPS bed, averaged; a three-prompt one, left out.
+CALIBRATION = [
+    calibrated("fashion-eps-cfg", [0], 0.70, 0.80),
+    calibrated("fashion-eps-cfg", [3], 0.80, 0.90),
+    calibrated("fashion-eps-cfg", [0, 1, 2], 0.10, 0.10),
+]
+
+
+def test_the_summary_sets_each_preview_against_the_best_stock_sampler(tmp_path, capsys):
     table = summary.cells(BENCHMARK, CALIBRATION)
     assert set(table) == {"fashion-eps-cfg", "fashion-flow-cfg"} and set(table["fashion-flow-cfg"]) == {5}
     eps = table["fashion-eps-cfg"][5]
     # The default on its learned schedule; the stock samplers on the stock schedule users pick.
     assert (eps.default, eps.best_stock, eps.best_stock_name, eps.users) == (0.12, 0.15, "ipndm_v", 0.22)
     assert eps.users_name == "dpmpp_2m on karras" and table["fashion-flow-cfg"][5].users_name == "euler on simple"
-    assert eps.calibrated == 0.11 and table["fashion-flow-cfg"][5].calibrated is None
+    assert eps.calibrated == pytest.approx(0.75) and table["fashion-flow-cfg"][5].calibrated is None
     text = summary.markdown(table)
-    assert (
-        "| fashion-eps-cfg | 5 | 0.220 (dpmpp_2m on karras) | 0.150 (ipndm_v, 0.68x) | 0.120 (0.55x) | 0.110 (0.50x) |"
-        in text
-    )
-    assert "| fashion-flow-cfg | 5 | 0.150 (euler on simple) | 0.120 (ipndm, 0.80x) | 0.100 (0.67x) | — |" in text
+    eps_row = "| fashion-eps-cfg | 5 | 0.220 (dpmpp_2m on karras, 1.47x) | 0.150 (ipndm_v) | 0.120 (0.80x) | 0.75x |"
+    assert eps_row in text
+    assert "| fashion-flow-cfg | 5 | 0.150 (euler on simple, 1.25x) | 0.120 (ipndm) | 0.100 (0.83x) | — |" in text
 
     files = {"benchmark": tmp_path / "results.json", "calibration": tmp_path / "calibration.json"}
     files["benchmark"].write_text(json.dumps(BENCHMARK))

@@ -5,18 +5,21 @@
 
 ``BENCHMARK_JSON`` is the ``results.json`` of ``benchmark`` (its defaults table: each bundled default on the bed's
 stock schedule and on its learned one, against every stock ComfyUI sampler), ``CALIBRATION_JSON`` the
-``calibration.json`` of ``calibration_benchmark``. For every bed and step count in both, the table shows what users
-run today (dpmpp_2m on karras for EPS/V models, euler on simple for flow), the best stock sampler on that stock
-schedule, the default file on its learned schedule (the ``consistency_solver`` scheduler) and, where the
-calibration benchmark ran the bed, the file the calibrator fitted to it; RMSE to the 40-step final from the same
-noise, lower is better, and each ratio to the users' sampler. It is printed as markdown; the plot shows the same
-numbers.
+``calibration.json`` of ``calibration_benchmark`` (the artist's case: a file calibrated on one prompt, judged on
+fresh noises of that prompt). For every bed of the benchmark, at 5 and 8 steps, the table shows the RMSE of a
+preview to the 40-step final from the same noise for what users run today (dpmpp_2m on karras for EPS/V models,
+euler on simple for flow), for the best stock sampler on that stock schedule and for the default file on its learned
+schedule (the ``consistency_solver`` scheduler), each as a multiple of the best stock sampler's; and, where the
+calibration benchmark ran the bed, the calibrated file's multiple of the best stock sampler against its own target
+(the refine it was calibrated to), averaged over the prompts it was run with. Printed as markdown; the plot shows
+the multiples.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,19 +30,31 @@ STEPS = (5, 8)
 
 @dataclass(frozen=True)
 class Cell:
-    """One bed at one step count: RMSE to the final of each way to preview."""
+    """One bed at one step count: each way to preview, against the best stock sampler."""
 
-    users: float  # USERS_SAMPLER on the stock schedule
+    users: float  # RMSE of USERS_SAMPLER on the stock schedule
     users_name: str  # e.g. "dpmpp_2m on karras"
-    best_stock: float  # the best stock sampler on the stock schedule
+    best_stock: float  # RMSE of the best stock sampler on the stock schedule
     best_stock_name: str
-    default: float  # the bundled default on its learned schedule
-    calibrated: float | None  # the calibrator's file, where the calibration benchmark ran the bed
+    default: float  # RMSE of the bundled default on its learned schedule
+    calibrated: float | None  # the calibrated file's RMSE / the best stock sampler's (its own target); None: not run
 
 
-def cells(benchmark: dict, calibration: dict | None, steps: tuple[int, ...] = STEPS) -> dict[str, dict[int, Cell]]:
+def calibrated_ratios(calibration: list[dict] | None) -> dict[str, dict[int, float]]:
+    """{bed: {steps: mean over its one-prompt calibrations of calibrated RMSE / best stock RMSE, same prompt}}."""
+    ratios: dict[str, dict[int, list[float]]] = {}
+    for result in calibration or []:
+        if len(result["prompts"]) == 1:
+            for n, cell in result["same"].items():
+                ratios.setdefault(result["bed"], {}).setdefault(int(n), []).append(cell["vs_stock"])
+    return {bed: {n: statistics.fmean(values) for n, values in cells.items()} for bed, cells in ratios.items()}
+
+
+def cells(
+    benchmark: dict, calibration: list[dict] | None, steps: tuple[int, ...] = STEPS
+) -> dict[str, dict[int, Cell]]:
     """{bed: {steps: Cell}} for every bed of ``benchmark`` with a judged default at ``steps``."""
-    calibrated = {row["bed"]: row["cells"] for row in (calibration or {}).get("results", [])}
+    calibrated = calibrated_ratios(calibration)
     table = {}
     for bed, result in benchmark.items():
         for judged in result.get("defaults", {}).values():
@@ -50,23 +65,17 @@ def cells(benchmark: dict, calibration: dict | None, steps: tuple[int, ...] = ST
                 on_stock, learned = judged[stock].get(str(n)), judged[LEARNED_SCHEDULE].get(str(n))
                 if on_stock is None or learned is None or on_stock["users_rmse"] is None:
                     continue
-                fitted = calibrated.get(bed, {}).get(str(n))
                 bed_cells[n] = Cell(
                     on_stock["users_rmse"],
                     f"{USERS_SAMPLER[kind]} on {stock}",
                     on_stock["best_stock_rmse"],
                     on_stock["best_stock"],
                     learned["rmse"],
-                    None if fitted is None else fitted["calibrated"],
+                    calibrated.get(bed, {}).get(n),
                 )
             if bed_cells:
                 table[bed] = bed_cells
     return table
-
-
-def shown(rmse: float | None, users: float, name: str = "") -> str:
-    """An RMSE with its ratio to the users' sampler (and the sampler's name, if given); a dash where none."""
-    return "—" if rmse is None else f"{rmse:.3f} ({name}{rmse / users:.2f}x)"
 
 
 def markdown(table: dict[str, dict[int, Cell]]) -> str:
@@ -77,16 +86,17 @@ def markdown(table: dict[str, dict[int, Cell]]) -> str:
     ]
     for bed, bed_cells in table.items():
         for n, cell in bed_cells.items():
+            calibrated = "—" if cell.calibrated is None else f"{cell.calibrated:.2f}x"
             lines.append(
-                f"| {bed} | {n} | {cell.users:.3f} ({cell.users_name}) | "
-                f"{shown(cell.best_stock, cell.users, cell.best_stock_name + ', ')} | "
-                f"{shown(cell.default, cell.users)} | {shown(cell.calibrated, cell.users)} |"
+                f"| {bed} | {n} | {cell.users:.3f} ({cell.users_name}, {cell.users / cell.best_stock:.2f}x) | "
+                f"{cell.best_stock:.3f} ({cell.best_stock_name}) | {cell.default:.3f} "
+                f"({cell.default / cell.best_stock:.2f}x) | {calibrated} |"
             )
     return "\n".join(lines) + "\n"
 
 
 def plot(table: dict[str, dict[int, Cell]], path: Path) -> None:
-    """One panel per step count: for each bed, the RMSE of each way to preview, as bars."""
+    """One panel per step count: for each bed, each way to preview as a multiple of the best stock sampler."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,26 +104,26 @@ def plot(table: dict[str, dict[int, Cell]], path: Path) -> None:
 
     steps = sorted({n for bed_cells in table.values() for n in bed_cells})
     series = (
-        ("users' sampler today", "users", "tab:gray"),
-        ("best stock sampler", "best_stock", "tab:blue"),
-        ("default file, learned schedule", "default", "tab:orange"),
-        ("calibrated file", "calibrated", "tab:green"),
+        ("users' sampler today", lambda cell: cell.users / cell.best_stock, "tab:gray"),
+        ("default file, learned schedule", lambda cell: cell.default / cell.best_stock, "tab:orange"),
+        ("calibrated file (its own refine)", lambda cell: cell.calibrated, "tab:green"),
     )
     figure, axes = plt.subplots(1, len(steps), figsize=(6 * len(steps), 3.8), squeeze=False, sharey=True)
     width = 0.8 / len(series)
     beds = list(table)
     for axis, n in zip(axes[0], steps, strict=True):
-        for i, (label, field, color) in enumerate(series):
+        for i, (label, value, color) in enumerate(series):
             xs, heights = [], []
             for x, bed in enumerate(beds):
-                value = getattr(table[bed][n], field) if n in table[bed] else None
-                if value is not None:
+                ratio = value(table[bed][n]) if n in table[bed] else None
+                if ratio is not None:
                     xs.append(x + (i - (len(series) - 1) / 2) * width)
-                    heights.append(value)
+                    heights.append(ratio)
             axis.bar(xs, heights, width, label=label, color=color)
+        axis.axhline(1.0, color="tab:blue", linewidth=1.2, label="best stock sampler")
         axis.set_xticks(range(len(beds)), [bed.removeprefix("fashion-") for bed in beds], rotation=20, fontsize=8)
-        axis.set(title=f"{n}-step previews", ylabel="RMSE to the 40-step final (lower is better)")
-    axes[0][-1].legend(fontsize=8, loc="upper left")  # the longer step count's bars are lower: room at the top
+        axis.set(title=f"{n}-step previews", ylabel="RMSE to the final, x the best stock sampler's")
+    axes[0][-1].legend(fontsize=8, loc="upper right")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=90)
