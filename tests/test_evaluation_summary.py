@@ -67,6 +67,11 @@ def test_the_summary_sets_each_preview_against_the_best_stock_sampler(tmp_path, 
     assert capsys.readouterr().out.startswith(text) and plot.stat().st_size > 10_000
 
 
+def test_without_a_calibration_benchmark_the_table_has_no_calibrated_column():
+    text = summary.markdown(summary.cells(BENCHMARK, None))
+    assert text.splitlines()[0].endswith("| default file, learned schedule |") and "—" not in text
+
+
 def test_a_benchmark_without_judged_defaults_is_refused_naming_the_file(tmp_path, capsys):
     empty = tmp_path / "results.json"
     empty.write_text(json.dumps({"overhead_seconds_per_step": {}}))

@@ -78,20 +78,25 @@ def cells(
     return table
 
 
+def calibrated_any(table: dict[str, dict[int, Cell]]) -> bool:
+    return any(cell.calibrated is not None for bed_cells in table.values() for cell in bed_cells.values())
+
+
 def markdown(table: dict[str, dict[int, Cell]]) -> str:
-    lines = [
-        "| bed | steps | users' sampler today | best stock sampler | default file, learned schedule | "
-        "calibrated file |",
-        "|---|---|---|---|---|---|",
-    ]
+    """The table; its calibrated column only where a calibration benchmark was given."""
+    calibrated = calibrated_any(table)
+    header = "| bed | steps | users' sampler today | best stock sampler | default file, learned schedule |"
+    lines = [header + (" calibrated file |" if calibrated else ""), "|---" * (5 + calibrated) + "|"]
     for bed, bed_cells in table.items():
         for n, cell in bed_cells.items():
-            calibrated = "—" if cell.calibrated is None else f"{cell.calibrated:.2f}x"
-            lines.append(
+            row = (
                 f"| {bed} | {n} | {cell.users:.3f} ({cell.users_name}, {cell.users / cell.best_stock:.2f}x) | "
                 f"{cell.best_stock:.3f} ({cell.best_stock_name}) | {cell.default:.3f} "
-                f"({cell.default / cell.best_stock:.2f}x) | {calibrated} |"
+                f"({cell.default / cell.best_stock:.2f}x) |"
             )
+            if calibrated:
+                row += " — |" if cell.calibrated is None else f" {cell.calibrated:.2f}x |"
+            lines.append(row)
     return "\n".join(lines) + "\n"
 
 
@@ -107,8 +112,8 @@ def plot(table: dict[str, dict[int, Cell]], path: Path) -> None:
         ("users' sampler today", lambda cell: cell.users / cell.best_stock, "tab:gray"),
         ("default file, learned schedule", lambda cell: cell.default / cell.best_stock, "tab:orange"),
         ("calibrated file (its own refine)", lambda cell: cell.calibrated, "tab:green"),
-    )
-    figure, axes = plt.subplots(1, len(steps), figsize=(6 * len(steps), 3.8), squeeze=False, sharey=True)
+    )[: 3 if calibrated_any(table) else 2]
+    figure, axes = plt.subplots(1, len(steps), figsize=(6 * len(steps), 4.2), squeeze=False, sharey=True)
     width = 0.8 / len(series)
     beds = list(table)
     for axis, n in zip(axes[0], steps, strict=True):
@@ -123,8 +128,9 @@ def plot(table: dict[str, dict[int, Cell]], path: Path) -> None:
         axis.axhline(1.0, color="tab:blue", linewidth=1.2, label="best stock sampler")
         axis.set_xticks(range(len(beds)), [bed.removeprefix("fashion-") for bed in beds], rotation=20, fontsize=8)
         axis.set(title=f"{n}-step previews", ylabel="RMSE to the final, x the best stock sampler's")
-    axes[0][-1].legend(fontsize=8, loc="upper right")
-    figure.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, 0.07, 1, 1))  # room for the legend below the panels, clear of every bar
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=90)
     plt.close(figure)
