@@ -20,7 +20,7 @@ from .coefficients import (
     file_fingerprint,
     is_coefficient_choice,
 )
-from .messages import SAMPLER_NODE
+from .messages import PREVIEW, REFINE, SAMPLER_NODE, SCHEDULER_NODE, worded, worded_at
 from .preview_state import DEFAULT_REFINE_SAMPLER, SELECT_ALL, PreviewRequest, RefineRequest
 from .widgets import CATEGORY, COEFFICIENTS_TYPE, PREVIEW_STATE_TYPE, REFINE_SCHEDULER, SCHEDULER_CATEGORY, SEED_MAX
 
@@ -122,7 +122,18 @@ class ConsistencySolverCoefficients:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {"required": _selection_widgets()}
+        return {
+            "required": _selection_widgets(),
+            "optional": {
+                "model": (
+                    "MODEL",
+                    {
+                        "tooltip": "Optional: the model the coefficients are for. Connected, the node shows which file "
+                        "'auto' uses for it (the file calibrated for this model, or the pack's default)."
+                    },
+                )  # fmt: skip
+            },
+        }
 
     @classmethod
     def IS_CHANGED(cls, coefficients: str, **_: Any) -> str:
@@ -130,8 +141,12 @@ class ConsistencySolverCoefficients:
 
     VALIDATE_INPUTS = classmethod(_validate_coefficients)
 
-    def load(self, coefficients: str, inference_mode: str, allow_untrained_steps: bool) -> tuple[CoefficientSelection]:
-        return (_selection(coefficients, inference_mode, allow_untrained_steps, None),)
+    def load(
+        self, coefficients: str, inference_mode: str, allow_untrained_steps: bool, model: Any = None
+    ) -> dict[str, Any]:
+        selection = _selection(coefficients, inference_mode, allow_untrained_steps, None)
+        shown = [] if model is None else [_runtime().describe_for(model, selection)]
+        return {"ui": {"text": shown}, "result": (selection,)}
 
 
 class SamplerConsistencySolver:
@@ -152,7 +167,9 @@ class SamplerConsistencySolver:
         self, coefficients: str, inference_mode: str, allow_untrained_steps: bool, loaded_coefficients: Any = None
     ) -> tuple[Any]:
         selection = _selection(coefficients, inference_mode, allow_untrained_steps, loaded_coefficients)
-        return (_runtime().consistency_sampler(selection, SAMPLER_NODE),)
+        sampler = _runtime().consistency_sampler(selection)
+        sampler.sampler_function = worded(SAMPLER_NODE, sampler.sampler_function)  # it runs in SamplerCustom
+        return (sampler,)
 
 
 class ConsistencySolverScheduler:
@@ -208,7 +225,8 @@ class ConsistencySolverScheduler:
         self, model: Any, steps: int, denoise: float, coefficients: str, loaded_coefficients: Any = None
     ) -> tuple[Any]:
         selection = _selection(coefficients, STORED_MODE, False, loaded_coefficients)
-        return (_runtime().scheduler_node_sigmas(model, steps, denoise, selection),)
+        with worded_at(SCHEDULER_NODE):
+            return (_runtime().scheduler_node_sigmas(model, steps, denoise, selection),)
 
 
 class DiffusionPreview:
@@ -319,7 +337,8 @@ class DiffusionPreview:
         selection = _selection(coefficients, STORED_MODE, False, loaded_coefficients)
         request = PreviewRequest(seed, steps, cfg, scheduler, denoise, selection)
         runtime = _runtime()
-        preview, state = runtime.run_preview(model, positive, negative, latent_image, request)
+        with worded_at(PREVIEW):
+            preview, state = runtime.run_preview(model, positive, negative, latent_image, request)
         if vae is None:
             return preview, state
         return {"ui": runtime.preview_images(vae, preview, state), "result": (preview, state)}
@@ -399,7 +418,8 @@ class DiffusionRefine:
             # Blocks everything downstream without an error; the preview stays cached for when it is approved.
             return (ExecutionBlocker(None),)
         request = RefineRequest(select, steps, cfg, scheduler, sampler)
-        return (_runtime().run_refine(model, positive, negative, preview_state, request),)
+        with worded_at(REFINE):
+            return (_runtime().run_refine(model, positive, negative, preview_state, request),)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -1,17 +1,20 @@
 """Problems worded for the node the user meets them in.
 
 The solver and the resolver raise problems as data (``solver.errors``, ``CoefficientFileError``,
-``WrongModelFamily``, ``NoLearnedSchedule``); here they become one message that starts with what to
-change, names the node (or, picked by name in a stock node, the sampler or scheduler) and the file,
-and offers only what that node has. Pure Python: tested without ComfyUI.
+``WrongModelFamily``, ``NoLearnedSchedule``); the runtime adds what the user set for the run (``RunProblem``,
+no wording); here, at the node, they become one message that starts with what to change, names the node (or,
+picked by name in a stock node, the sampler or scheduler) and the file, and offers only what that node has.
+Pure Python: tested without ComfyUI.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 from ..solver import CoefficientFileError, CoefficientSource, InvalidWeights, UntrainedStepCount, format_steps
 from .coefficients import (
@@ -34,9 +37,8 @@ WORDED = (CoefficientFileError, WrongModelFamily, NoLearnedSchedule, UntrainedSt
 
 @dataclass(frozen=True)
 class Run:
-    """Where a problem appeared and what the user set there: enough to say what to change."""
+    """What the user set for a run: enough to say what to change. ``place`` is where it is worded (the node)."""
 
-    place: str
     choice: str  # the coefficient choice: auto, a file name or a preset
     coefficients: str  # how messages name it (``describe_choice``)
     steps: int | None = None
@@ -44,16 +46,49 @@ class Run:
     learned_schedule: bool = False  # the run's scheduler is consistency_solver
     source: CoefficientSource | None = None  # once resolved
     one_more_step: tuple[str, ...] = ()  # samplers for which KSampler asks the scheduler for one step more
+    place: str = ""
+
+
+class RunProblem(ValueError):
+    """A problem as data (``error``) with the run it appeared in, raised where it is found; ``worded_at`` words it."""
+
+    def __init__(self, error: Exception, run: Run):
+        self.error, self.run = error, run
+        super().__init__(str(error))
 
 
 @contextmanager
-def worded_for(run: Run) -> Iterator[None]:
-    """Re-raise the problems of the block worded for ``run``: a plain ValueError, as ComfyUI's dialog shows its
-    type, with the facts kept as its ``__cause__``."""
+def problems_of(run: Run) -> Iterator[None]:
+    """Re-raise the problems of the block with the facts of ``run`` (for the node that words them)."""
     try:
         yield
     except WORDED as error:
-        raise ValueError(user_message(error, run)) from error
+        raise RunProblem(error, run) from error
+
+
+@contextmanager
+def worded_at(place: str) -> Iterator[None]:
+    """Re-raise the block's run problems worded for ``place``: a plain ValueError, as ComfyUI's dialog shows its
+    type, with the facts kept as its ``__cause__``."""
+    try:
+        yield
+    except RunProblem as problem:
+        raise ValueError(user_message(problem.error, replace(problem.run, place=place))) from problem.error
+
+
+Function = TypeVar("Function", bound=Callable[..., Any])
+
+
+def worded(place: str, function: Function) -> Function:
+    """``function`` with its run problems worded for ``place`` (the sampler and scheduler a node hands to ComfyUI,
+    whose errors surface in ComfyUI's own nodes)."""
+
+    @functools.wraps(function)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with worded_at(place):
+            return function(*args, **kwargs)
+
+    return run  # type: ignore[return-value]
 
 
 def user_message(error: Exception, run: Run) -> str:
@@ -157,28 +192,19 @@ def _steps_message(error: UntrainedStepCount, run: Run) -> str:
 
 
 def _set_steps(run: Run, why: str) -> str:
-    """What to set at a node with steps (and denoise) widgets: the step counts that run, or the denoise from
-    which some do, and a stock scheduler where that alone, or with trained step counts, fixes the run."""
+    """What to set at a node with steps (and denoise) widgets: the step counts that run, and a stock scheduler where
+    that alone, or with trained step counts, fixes the run; where no count runs at this denoise, raising it may."""
     stock = "use BasicScheduler" if run.place == SCHEDULER_NODE else "pick a stock scheduler"
     if run.source is None:
         return f"{stock} in {run.place}: {why}"
     counts = trained_step_counts(run.source) if run.place == PREVIEW else None
     runnable = runnable_steps(run.source, run.denoise, run.learned_schedule, counts is not None)
-    if runnable:
-        change = f"set steps to {format_steps(runnable)}"
-    else:
-        denoise = next(
-            (
-                d / 100
-                for d in range(1, 101)
-                if runnable_steps(run.source, d / 100, run.learned_schedule, counts is not None)
-            ),
-            None,
-        )
-        if denoise is None or denoise < run.denoise:
-            return f"{stock} in {run.place}: {why}"
-        at = format_steps(runnable_steps(run.source, denoise, run.learned_schedule, counts is not None))
-        change = f"raise denoise to at least {denoise:g} and set steps to {at}"
+    if not runnable:
+        stock_counts = counts is not None and run.steps not in counts
+        counts_too = f" and set steps to {format_steps(counts)}" if stock_counts else ""
+        higher = ", or raise denoise" if run.learned_schedule and run.denoise < 1 else ""
+        return f"{stock}{counts_too} in {run.place}{higher}: {why}"
+    change = f"set steps to {format_steps(runnable)}"
     if not run.learned_schedule or (counts is not None and list(counts) == runnable):
         return f"{change} in {run.place}: {why}"
     if counts is None or run.steps in counts:

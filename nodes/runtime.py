@@ -39,15 +39,7 @@ from .coefficients import (
     resolve_coefficients,
 )
 from .fingerprint import model_fingerprint, sampling_identity
-from .messages import (
-    PREVIEW,
-    REFINE,
-    SAMPLER_BY_NAME,
-    SCHEDULER_BY_NAME,
-    SCHEDULER_NODE,
-    Run,
-    worded_for,
-)
+from .messages import Run, problems_of
 from .preview_state import (
     DEFAULT_REFINE_SAMPLER,
     PreviewRequest,
@@ -65,21 +57,21 @@ _BY_NAME = CoefficientSelection()  # what KSampler's sampler list gets: auto, st
 _ONE_MORE_STEP = tuple(sorted(comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS))
 
 
-def register() -> None:
-    """Make ``consistency_solver`` a stock sampler and scheduler name and ``models/consistency_solver`` a folder.
+def register(sampler: Callable[..., torch.Tensor], scheduler: Callable[..., torch.Tensor]) -> None:
+    """Make ``consistency_solver`` a stock sampler and scheduler name (``sampler`` and ``scheduler``: this module's
+    ``sample_consistency_solver`` and ``consistency_solver_scheduler``, with their problems worded by the caller) and
+    ``models/consistency_solver`` a folder.
 
     The lists are extended in place: KSampler, KSamplerAdvanced, KSamplerSelect and BasicScheduler read
     the very objects ``comfy.samplers.SAMPLER_NAMES`` / ``KSampler.SAMPLERS`` and ``SCHEDULER_NAMES`` /
     ``KSampler.SCHEDULERS`` every time they build their inputs, and ``calculate_sigmas`` looks names up
     in ``SCHEDULER_HANDLERS``. Safe to call again (ComfyUI and the tests may both import the pack).
     """
-    setattr(comfy.k_diffusion.sampling, f"sample_{SAMPLER_NAME}", sample_consistency_solver)
+    setattr(comfy.k_diffusion.sampling, f"sample_{SAMPLER_NAME}", sampler)
     for names in (comfy.samplers.KSAMPLER_NAMES, comfy.samplers.SAMPLER_NAMES):
         if SAMPLER_NAME not in names:
             names.append(SAMPLER_NAME)
-    comfy.samplers.SCHEDULER_HANDLERS[SCHEDULER_NAME] = comfy.samplers.SchedulerHandler(
-        consistency_solver_scheduler, use_ms=True
-    )
+    comfy.samplers.SCHEDULER_HANDLERS[SCHEDULER_NAME] = comfy.samplers.SchedulerHandler(scheduler, use_ms=True)
     if SCHEDULER_NAME not in comfy.samplers.SCHEDULER_NAMES:
         comfy.samplers.SCHEDULER_NAMES.append(SCHEDULER_NAME)
     register_model_folder()
@@ -148,20 +140,31 @@ def calibrated_file(model: Any, kind: str, steps: int | None) -> str | None:
     return calibrated
 
 
-def resolved(
-    place: str, model_sampling: Any, selection: CoefficientSelection, model: Any = None, **settings: Any
-) -> Run:
-    """The run at ``place`` with its coefficient source: ``auto`` is the file calibrated for ``model`` (or, for the
-    scheduler by name, the model the model_sampling belongs to) when there is one, else the default. A missing,
-    broken or mismatched file is worded for ``place``."""
+def describe_for(model: Any, selection: CoefficientSelection) -> str:
+    """What a selection means for ``model``: for ``auto``, which file it uses (for any step count) and why."""
+    if selection.choice != AUTO:
+        return f"uses {selection.choice}"
+    kind = sampling_kind(model.get_model_object("model_sampling"))
+    calibrated = calibrated_file(model, kind, None)
+    if calibrated is None:
+        return (
+            f"auto uses the pack's default {default_coefficient_path(kind).name}: no file is calibrated for this model"
+        )
+    return f"auto uses {os.path.basename(calibrated)}, calibrated for this model (the default for step counts it lacks)"
+
+
+def resolved(model_sampling: Any, selection: CoefficientSelection, model: Any = None, **settings: Any) -> Run:
+    """The run with its coefficient source: ``auto`` is the file calibrated for ``model`` (or, for the scheduler by
+    name, the model the model_sampling belongs to) when there is one, else the default. A missing, broken or
+    mismatched file is raised as a RunProblem."""
     kind = sampling_kind(model_sampling)
     calibrated = None
     if selection.choice == AUTO:
         owner = model if model is not None else sampling_owner(model_sampling)
         calibrated = calibrated_file(owner, kind, settings.get("steps")) if owner is not None else None
     choice = os.path.basename(calibrated) if calibrated else selection.choice
-    run = Run(place, choice, describe_choice(choice, kind), **settings)
-    with worded_for(run):
+    run = Run(choice, describe_choice(choice, kind), **settings)
+    with problems_of(run):
         return replace(run, source=resolve_coefficients(selection, kind, locate_file, calibrated))
 
 
@@ -173,18 +176,17 @@ def sample_consistency_solver(
     callback: Callable[[dict[str, Any]], None] | None = None,
     disable: bool | None = None,
     selection: CoefficientSelection = _BY_NAME,
-    place: str = SAMPLER_BY_NAME,
 ) -> torch.Tensor:
     """The ComfyUI sampler: reads the model sampling behind KSamplerX0Inpaint to pick matching coefficients.
 
-    By name (KSampler's list) it gets no options and uses the pack's default file for the model family;
-    SamplerConsistencySolver and DiffusionPreview pass their ``selection`` and ``place`` (the node, for
-    messages). Every problem is found before the first model call.
+    By name (KSampler's list) it gets no options and uses ``auto``: the file calibrated for the model, else the
+    pack's default for its family; SamplerConsistencySolver and DiffusionPreview pass their ``selection``. Every
+    problem is raised, as a RunProblem, before the first model call.
     """
     patcher = model.inner_model.model_patcher
     model_sampling = patcher.get_model_object("model_sampling")
-    run = resolved(place, model_sampling, selection, patcher, steps=len(sigmas) - 1)
-    with worded_for(run):
+    run = resolved(model_sampling, selection, patcher, steps=len(sigmas) - 1)
+    with problems_of(run):
         return solver_sample(
             model,
             x,
@@ -197,14 +199,13 @@ def sample_consistency_solver(
         )
 
 
-def consistency_sampler(selection: CoefficientSelection, place: str) -> comfy.samplers.KSAMPLER:
-    return comfy.samplers.KSAMPLER(sample_consistency_solver, extra_options={"selection": selection, "place": place})
+def consistency_sampler(selection: CoefficientSelection) -> comfy.samplers.KSAMPLER:
+    return comfy.samplers.KSAMPLER(sample_consistency_solver, extra_options={"selection": selection})
 
 
 def schedule_sigmas(model_sampling: Any, steps: int, denoise: float, run: Run) -> torch.Tensor:
-    """The learned schedule of ``run``'s coefficients over this model's sigma range (see ``learned_sigmas``),
-    with problems worded for ``run.place``."""
-    with worded_for(run):
+    """The learned schedule of ``run``'s coefficients over this model's sigma range (see ``learned_sigmas``)."""
+    with problems_of(run):
         return learned_sigmas(
             run.source, steps, denoise, float(model_sampling.sigma_min), float(model_sampling.sigma_max)
         )
@@ -213,9 +214,7 @@ def schedule_sigmas(model_sampling: Any, steps: int, denoise: float, run: Run) -
 def scheduler_node_sigmas(model: Any, steps: int, denoise: float, selection: CoefficientSelection) -> torch.Tensor:
     """The Consistency Solver Scheduler node."""
     model_sampling = model.get_model_object("model_sampling")
-    run = resolved(
-        SCHEDULER_NODE, model_sampling, selection, model, steps=steps, denoise=denoise, learned_schedule=True
-    )
+    run = resolved(model_sampling, selection, model, steps=steps, denoise=denoise, learned_schedule=True)
     return schedule_sigmas(model_sampling, steps, denoise, run)
 
 
@@ -225,9 +224,7 @@ def consistency_solver_scheduler(model_sampling: Any, steps: int) -> torch.Tenso
     By name it uses the pack's default file for the model family, as the sampler of that name does;
     KSampler and BasicScheduler have already turned denoise into the step count.
     """
-    run = resolved(
-        SCHEDULER_BY_NAME, model_sampling, _BY_NAME, steps=steps, learned_schedule=True, one_more_step=_ONE_MORE_STEP
-    )
+    run = resolved(model_sampling, _BY_NAME, steps=steps, learned_schedule=True, one_more_step=_ONE_MORE_STEP)
     return schedule_sigmas(model_sampling, steps, 1.0, run)
 
 
@@ -297,14 +294,14 @@ def run_preview(
         "denoise": request.denoise,
         "learned_schedule": request.scheduler == SCHEDULER_NAME,
     }
-    run = resolved(PREVIEW, model_sampling, selection, model, **settings)
+    run = resolved(model_sampling, selection, model, **settings)
     sigmas = node_sigmas(model, request.steps, request.scheduler, request.denoise, run)
-    with worded_for(run):
+    with problems_of(run):
         coefficient_table(run.source, sigmas, model_sampling)
     latent = dict(latent_image)
     latent["samples"] = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
     noise = comfy.sample.prepare_noise(latent["samples"], request.seed, latent.get("batch_index"))
-    sampler = consistency_sampler(selection, PREVIEW)
+    sampler = consistency_sampler(selection)
     preview = sample_latent(model, noise, latent, sampler, sigmas, request.cfg, positive, negative, request.seed)
     state = PreviewState(
         seed=request.seed,
@@ -343,7 +340,7 @@ def run_refine(model: Any, positive: Any, negative: Any, state: PreviewState, re
         model_sampling = model.get_model_object("model_sampling")
         selection = CoefficientSelection(state.coefficients)
         settings = {"steps": request.steps, "denoise": state.denoise, "learned_schedule": True}
-        run = resolved(REFINE, model_sampling, selection, model, **settings)
+        run = resolved(model_sampling, selection, model, **settings)
     sigmas = node_sigmas(model, request.steps, request.scheduler, state.denoise, run)
     sampler = request.sampler if request.sampler is not None else comfy.samplers.sampler_object(DEFAULT_REFINE_SAMPLER)
     return sample_latent(

@@ -21,7 +21,11 @@ from consistency_solver.calibration import CALIBRATOR_REVISION  # noqa: E402
 from consistency_solver.nodes import calibrate as calibrate_node  # noqa: E402
 from consistency_solver.nodes import register  # noqa: E402
 from consistency_solver.nodes.calibrate import ConsistencySolverCalibrate  # noqa: E402
-from consistency_solver.nodes.definitions import DiffusionPreview, SamplerConsistencySolver  # noqa: E402
+from consistency_solver.nodes.definitions import (  # noqa: E402
+    ConsistencySolverCoefficients,
+    DiffusionPreview,
+    SamplerConsistencySolver,
+)
 from consistency_solver.solver import load_coefficients  # noqa: E402
 from consistency_solver.solver.defaults import BUNDLED_DIR  # noqa: E402
 
@@ -103,20 +107,27 @@ def test_the_node_writes_its_file_and_report_and_a_prompt_edit_makes_no_model_ca
 
 def test_a_lora_another_checkpoint_or_per_prompt_calibration_calibrates_again(models_dir):
     model, calls = counted(tiny_models.gaussian_model("eps"))
-    selection, _ = calibrate(model)
-    first = calls["count"]
+
+    def spent(function, *args, **kwargs):
+        before = calls["count"]
+        result = function(*args, **kwargs)
+        return result, calls["count"] - before
+
+    (selection, _), first = spent(calibrate, model)
+    assert first > 0
     patched = model.clone()
     key = "diffusion_model.anchor"  # the Gaussian model's one parameter
     patched.add_patches({key: (torch.ones_like(patched.model.state_dict()[key]),)}, 0.01)  # a "LoRA"
-    with_lora, _ = calibrate(patched)
-    assert calls["count"] == 2 * first and with_lora != selection
+    (with_lora, _), lora_calls = spent(calibrate, patched)
+    assert lora_calls > 0 and with_lora != selection
     other, other_calls = counted(tiny_models.gaussian_model("eps", mean=0.5))
-    assert calibrate(other)[0] not in (selection, with_lora) and other_calls["count"] == first
+    assert calibrate(other)[0] not in (selection, with_lora) and other_calls["count"] > 0
+    assert spent(calibrate, model)[1] == 0  # the first model's own file is still there, and its key
 
-    per_prompt, _ = calibrate(model, per_prompt=True)
-    assert calls["count"] == 3 * first and per_prompt != selection
-    calibrate(model, positive=tiny_models.random_conditioning(9), per_prompt=True)
-    assert calls["count"] == 4 * first
+    (per_prompt, _), once = spent(calibrate, model, per_prompt=True)
+    assert once > 0 and per_prompt != selection
+    assert spent(calibrate, model, positive=tiny_models.random_conditioning(9), per_prompt=True)[1] > 0
+    assert spent(calibrate, model, per_prompt=True)[1] == 0  # back to the first prompt: its own file
 
 
 def test_a_file_made_by_an_older_calibrator_is_fitted_again(models_dir, monkeypatch):
@@ -209,6 +220,74 @@ def test_auto_everywhere_uses_the_file_calibrated_for_the_running_model(models_d
     assert not torch.equal(by_name(model), wired(model, "default-eps.safetensors"))
     other = tiny_models.tiny_unet_model("eps", seed=1)  # another checkpoint: its own calibration or the default
     torch.testing.assert_close(by_name(other), wired(other, "default-eps.safetensors"), rtol=0, atol=0)
+    shown = ConsistencySolverCoefficients().load("auto", "as stored in the file", False, model=model)["ui"]["text"]
+    assert shown == [f"auto uses {selection.choice}, calibrated for this model (the default for step counts it lacks)"]
+    shown = ConsistencySolverCoefficients().load("auto", "as stored in the file", False, model=other)["ui"]["text"]
+    assert shown == ["auto uses the pack's default default-eps.safetensors: no file is calibrated for this model"]
     # a count the calibrated file does not hold falls back to the default too
     five = nodes.KSampler().sample(model, 3, 5, 4.0, "consistency_solver", "karras", POSITIVE, NEGATIVE, latent)
     assert torch.isfinite(five[0]["samples"]).all()
+
+
+REDUCED = {
+    "flux": (tiny_models.reduced_flux_model, tiny_models.flux_conditioning, 16),
+    "sdxl": (tiny_models.reduced_sdxl_model, tiny_models.sdxl_conditioning, 4),
+}
+
+
+@pytest.mark.parametrize("architecture", sorted(REDUCED))
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_ancestral", "uni_pc", "dpm_fast"])
+def test_reduced_flux_and_sdxl_calibrate_with_every_kind_of_refine(models_dir, architecture, sampler):
+    """ComfyUI's own Flux (flow, guidance, 16 channels) and SDXL (ADM) classes, tiny and random: a file whose report
+    lists the validation table, a stochastic refine fitted to its counterpart, a refusal before any call."""
+    build, conditioning, channels = REDUCED[architecture]
+    model, calls = counted(build())
+    latent = {"samples": torch.zeros(2, channels, 8, 8)}
+    node = ConsistencySolverCalibrate()
+    arguments = (model, conditioning(1), conditioning(2), latent, 3.0, "3", sampler, "simple", 6, 300, "auto", False)
+    if sampler == "dpm_fast":
+        with pytest.raises(ValueError, match="^Pick a refine sampler in Consistency Solver Calibrate that steps"):
+            node.calibrate(*arguments)
+        assert calls["count"] == 0
+        return
+    selection, report = node.calibrate(*arguments)["result"]
+    family, training = training_of(models_dir / selection.choice)
+    assert family == f"calibrated-{'flow' if architecture == 'flux' else 'eps'}"
+    assert training["model_calls"] == calls["count"] <= 300
+    assert report.splitlines()[1] == "steps | uses | RMSE | x best stock | x default"
+    assert f"\n3 | {training['winners']['3']}" in report and len(training["validation"]["3"]) >= 10
+    assert ("noise-free counterpart" in report) == (sampler == "euler_ancestral")
+    latent_out, _ = DiffusionPreview().preview(
+        model, conditioning(5), conditioning(2), latent, 7, 3, 3.0, "consistency_solver", 1.0, "auto",
+        loaded_coefficients=selection,
+    )  # fmt: skip
+    assert torch.isfinite(latent_out["samples"]).all()
+
+
+def test_the_node_keeps_a_stock_table_when_the_fit_is_spoiled_and_says_so(models_dir, monkeypatch):
+    from consistency_solver.calibration import calibrator
+
+    original = calibrator.greedy_fit
+
+    def spoiled(*args, **kwargs):
+        fit = original(*args, **kwargs)
+        return type(fit)(fit.weights * 0.3, fit.sigmas, fit.final)
+
+    monkeypatch.setattr(calibrator, "greedy_fit", spoiled)
+    model, _ = counted(tiny_models.gaussian_model("eps"))
+    selection, report = calibrate(model, name="spoiled")
+    _, training = training_of(models_dir / selection.choice)
+    assert not any(winner.startswith("calibrated") for winner in training["winners"].values())
+    for n, winner in training["winners"].items():
+        assert f"At {n} steps the fit lost: the file uses {winner}'s weights and schedule." in report
+
+
+def test_more_preview_steps_never_measure_worse_or_the_report_says_why(models_dir):
+    model, _ = counted(tiny_models.gaussian_model("eps"))
+    selection, report = calibrate(model, name="monotone")
+    _, training = training_of(models_dir / selection.choice)
+    best = {n: training["validation"][n][winner] for n, winner in training["winners"].items()}
+    if best["4"] > best["3"]:
+        assert training["not_monotone"] and "Note: 4 steps measured worse than 3" in report
+    else:
+        assert training["not_monotone"] == [] and "Note:" not in report

@@ -101,7 +101,7 @@ def test_registration_is_in_place_and_idempotent():
     assert "consistency_solver" in nodes.KSampler.INPUT_TYPES()["required"]["sampler_name"][0]
     assert "consistency_solver" in nodes.KSamplerAdvanced.INPUT_TYPES()["required"]["sampler_name"][0]
     assert "consistency_solver" in nodes_custom_sampler.KSamplerSelect.INPUT_TYPES()["required"]["sampler_name"][0]
-    assert comfy.k_diffusion.sampling.sample_consistency_solver is runtime.sample_consistency_solver
+    assert comfy.k_diffusion.sampling.sample_consistency_solver.__wrapped__ is runtime.sample_consistency_solver
     paths, extensions = folder_paths.folder_names_and_paths["consistency_solver"]
     assert extensions == {".safetensors"} and paths.count(str(coefficients.BUNDLED_DIR)) == 1
 
@@ -192,12 +192,12 @@ def test_ksampler_advanced_and_sampler_custom_advanced(bundled):
     noise = nodes_custom_sampler.RandomNoise().get_noise(5)[0]
     custom = nodes_custom_sampler.SamplerCustomAdvanced().sample(noise, guider, sampler, sigmas, latent)[0]["samples"]
     model_sampling = model.get_model_object("model_sampling")
-    ab2 = runtime.consistency_sampler(runtime.CoefficientSelection("ab2"), "Consistency Solver Sampler")
+    ab2 = runtime.consistency_sampler(runtime.CoefficientSelection("ab2"))
     direct = comfy.sample.sample_custom(
         model, noise.generate_noise(latent), 4.0, ab2, sigmas, POSITIVE, NEGATIVE, latent["samples"], seed=5,
     )  # fmt: skip
     assert torch.equal(custom, direct) and model_sampling is not None
-    ab2_run = runtime.resolved("here", model_sampling, runtime.CoefficientSelection("ab2"), model)
+    ab2_run = runtime.resolved(model_sampling, runtime.CoefficientSelection("ab2"), model)
     assert isinstance(ab2_run.source, Preset)
 
 
@@ -247,7 +247,7 @@ def test_the_scheduler_is_registered_in_place_and_idempotently():
     assert comfy.samplers.KSampler.SCHEDULERS is comfy.samplers.SCHEDULER_NAMES
     assert comfy.samplers.SCHEDULER_NAMES.count("consistency_solver") == 1
     handler = comfy.samplers.SCHEDULER_HANDLERS["consistency_solver"]
-    assert handler.handler is runtime.consistency_solver_scheduler and handler.use_ms
+    assert handler.handler.__wrapped__ is runtime.consistency_solver_scheduler and handler.use_ms
     assert "consistency_solver" in nodes.KSampler.INPUT_TYPES()["required"]["scheduler"][0]
     assert "consistency_solver" in nodes.KSamplerAdvanced.INPUT_TYPES()["required"]["scheduler"][0]
     assert "consistency_solver" in nodes_custom_sampler.BasicScheduler.INPUT_TYPES()["required"]["scheduler"][0]

@@ -83,3 +83,16 @@ def test_preview_loop_table_reports_each_previews_fidelity():
     lines = {line.split(" | ")[0].lstrip("| "): line for line in rows.splitlines() if line.startswith("| ")}
     assert lines["dpmpp_2m"].endswith("| 1 | 3 | 0.078 | +0.0021 |")
     assert lines["no preview"].endswith("| — | — | — | — |")
+
+
+def test_the_preview_loop_amortises_the_calibration_over_prompts_and_names_the_break_even():
+    from consistency_solver.training.evaluation.preview_loop import CALIBRATED_FILE, METHODS, Outcome, break_even
+
+    totals = {method: Outcome(calls=100, good_finals=1) for method in METHODS}
+    totals[CALIBRATED_FILE] = Outcome(calls=60, good_finals=1)
+    totals["live preview"] = Outcome(calls=90, good_finals=1)
+    text = break_even(totals, 2000)
+    assert "it pays for itself after 67 prompts (break-even N), against live preview" in text  # 2000 / 30
+    assert "62.0 at N = 1000" in text
+    totals[CALIBRATED_FILE] = Outcome(calls=95, good_finals=1)
+    assert "never pays for itself here: live preview" in break_even(totals, 2000)

@@ -16,7 +16,7 @@ ALLOWED = {
     "nodes": {"solver", "calibration"},
     "training": {"training.trainer"},  # __main__.py, the trainer's entry
     "training.testbeds": {"solver"},
-    "training.evaluation": {"solver", "calibration", "training.testbeds"},
+    "training.evaluation": {"solver", "calibration", "nodes", "training.testbeds"},
     "training.trainer": {"solver", "calibration", "training.evaluation", "training.testbeds"},
 }
 

@@ -37,8 +37,11 @@ from consistency_solver.nodes.messages import (
     SCHEDULER_BY_NAME,
     SCHEDULER_NODE,
     Run,
+    RunProblem,
+    problems_of,
     user_message,
-    worded_for,
+    worded,
+    worded_at,
 )
 from consistency_solver.nodes.preview_state import (
     PreviewState,
@@ -163,7 +166,7 @@ def test_the_preview_shows_its_previews_only_when_a_vae_is_connected(live_lists,
 
 
 def test_loader_and_sampler_nodes_pass_the_selection_on():
-    (selection,) = definitions.ConsistencySolverCoefficients().load("ab3", "expectation", True)
+    (selection,) = definitions.ConsistencySolverCoefficients().load("ab3", "expectation", True)["result"]
     assert selection == CoefficientSelection("ab3", "expectation", True)
 
 
@@ -175,7 +178,7 @@ def test_choices_list_auto_then_files_then_presets_marked_untrained():
 def test_a_marked_preset_and_its_bare_name_of_older_workflows_choose_the_preset(live_lists):
     assert choice_from_widget("ab3 (untrained)") == choice_from_widget("ab3") == "ab3"
     assert choice_from_widget("mine.safetensors") == "mine.safetensors"
-    (selection,) = definitions.ConsistencySolverCoefficients().load("ab3 (untrained)", "expectation", True)
+    (selection,) = definitions.ConsistencySolverCoefficients().load("ab3 (untrained)", "expectation", True)["result"]
     assert selection == CoefficientSelection("ab3", "expectation", True)
     for node in (definitions.SamplerConsistencySolver, definitions.DiffusionPreview):
         for value in ("ab3", "ab3 (untrained)", "mine.safetensors", "auto"):
@@ -406,7 +409,7 @@ DEFAULT = "the pack's default coefficient file default-eps.safetensors"
 
 
 def run(place, **settings):
-    return Run(place, AUTO, DEFAULT, **settings)
+    return Run(AUTO, DEFAULT, place=place, **settings)
 
 
 def policy_with_schedule(counts=range(4, 13)):
@@ -447,9 +450,8 @@ def test_at_denoise_below_one_the_preview_names_the_counts_that_fit_both_the_wei
         "within 4-12."
     )
     too_low = run(PREVIEW, steps=3, denoise=0.3, learned_schedule=True, source=source)
-    assert user_message(error, too_low).startswith(  # int(4 / 0.31) = 12
-        "Raise denoise to at least 0.31 and set steps to 4 in Diffusion Preview, or pick a stock scheduler and set "
-        "steps to 4-12: "
+    assert user_message(error, too_low).startswith(  # no trained count n has int(n / 0.3) within 4-12
+        "Pick a stock scheduler and set steps to 4-12 in Diffusion Preview, or raise denoise: "
     )
     schedule_error = UntrainedStepCount("schedule", 14, range(4, 13))
     assert user_message(schedule_error, replace(at_half, steps=7)) == (  # 7 steps run on a stock schedule
@@ -481,7 +483,7 @@ def test_the_scheduler_by_name_and_the_scheduler_node_say_what_to_change():
 
 
 def test_missing_schedules_files_and_families_are_worded_for_each_node():
-    ab2 = Run(PREVIEW, "ab2", "the preset 'ab2 (untrained)'", learned_schedule=True)
+    ab2 = Run("ab2", "the preset 'ab2 (untrained)'", learned_schedule=True, place=PREVIEW)
     assert user_message(NoLearnedSchedule(), ab2) == (
         "Pick a stock scheduler (simple, karras, ...) in Diffusion Preview, or coefficients that carry a learned "
         "schedule such as 'auto': the preset 'ab2 (untrained)' carries no learned schedule, which the "
@@ -491,7 +493,7 @@ def test_missing_schedules_files_and_families_are_worded_for_each_node():
         "Pick another scheduler than consistency_solver: "
     )
     broken = CoefficientFileError("/x/models/consistency_solver/mine.safetensors", "no such file", "put it back")
-    mine = Run(SAMPLER_NODE, "mine.safetensors", "the coefficient file 'mine.safetensors'")
+    mine = Run("mine.safetensors", "the coefficient file 'mine.safetensors'", place=SAMPLER_NODE)
     assert user_message(broken, mine) == (
         "Choose other coefficients in Consistency Solver Sampler: the coefficient file 'mine.safetensors' cannot "
         "be used (no such file)."
@@ -502,7 +504,7 @@ def test_missing_schedules_files_and_families_are_worded_for_each_node():
         "coefficient file default-eps.safetensors cannot be used (no such file)."
     )
     family = WrongModelFamily("/x/sd15.safetensors", "eps", "flow")
-    assert user_message(family, Run(PREVIEW, "sd15.safetensors", "the coefficient file 'sd15.safetensors'")) == (
+    assert user_message(family, Run("sd15.safetensors", "the coefficient file 'sd15.safetensors'", place=PREVIEW)) == (
         "Choose coefficients made for flow models (SD3, Flux) in Diffusion Preview ('auto' picks the pack's default "
         "for the model): the coefficient file 'sd15.safetensors' was made for SD1.5/SDXL-type models."
     )
@@ -530,14 +532,22 @@ def test_no_message_offers_python_syntax_a_command_line_or_a_switch_the_node_lac
                 assert "allow_untrained_steps" not in message
 
 
-def test_worded_problems_keep_their_facts_and_others_pass_through():
+def test_problems_carry_their_run_and_are_worded_where_the_user_meets_them():
+    with pytest.raises(RunProblem) as raised:
+        with problems_of(Run(AUTO, DEFAULT, steps=20)):
+            raise UntrainedStepCount("table", 20, range(4, 13))
+    assert raised.value.run.steps == 20 and raised.value.run.place == ""  # the runtime words nothing
     with pytest.raises(ValueError, match="^Set steps to 4-12 for the consistency_solver sampler") as error:
-        with worded_for(run(SAMPLER_BY_NAME, steps=20)):
+        with worded_at(SAMPLER_BY_NAME), problems_of(Run(AUTO, DEFAULT, steps=20)):
             raise UntrainedStepCount("table", 20, range(4, 13))
     assert type(error.value) is ValueError and error.value.__cause__.asked == 20
     with pytest.raises(KeyError):
-        with worded_for(run(SAMPLER_BY_NAME)):
+        with worded_at(SAMPLER_BY_NAME), problems_of(Run(AUTO, DEFAULT)):
             raise KeyError("not ours")
+    sampler = worded(SAMPLER_NODE, lambda steps: (_ for _ in ()).throw(RunProblem(UntrainedStepCount("table", steps,
+                     range(4, 13)), Run(AUTO, DEFAULT, steps=steps))))  # fmt: skip
+    with pytest.raises(ValueError, match="^Give the Consistency Solver Sampler 4-12 steps"):
+        sampler(20)
 
 
 def test_a_saved_schedule_resolves_through_the_node_resolver(tmp_path):

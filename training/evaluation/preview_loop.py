@@ -22,13 +22,15 @@ failed) and false rejects (the preview failed although its final would have pass
 method's previews are on these seeds: their RMSE to the finals and the mean shift of their ink mass from the
 finals' (the band is narrow, so a shift of a few thousandths moves borderline seeds across it). A model call is one
 guided denoiser evaluation (conditional and unconditional batched, as ComfyUI does). The calibration is done
-once, before the loop (``--calibrate-budget`` model calls on training seeds, the reference runs included); its
-cost is reported beside the table, not spread over the requests.
+once per model, before the loop (``--calibrate-budget`` model calls on training seeds, the reference runs
+included); under the table its cost is amortised over N prompts, with the break-even N against the best method that
+needs no calibration.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,7 +243,29 @@ def table(
             f"| {method} | {outcome.calls_per_good_final:.1f} | {100 * relative:+.0f}% | {outcome.good_finals} | "
             f"{errors[0]} | {errors[1]} | {faithful[0]} | {faithful[1]} |"
         )
-    return "\n".join(lines)
+    return "\n".join([*lines, "", break_even(totals, calibration["model_calls"])])
+
+
+def break_even(totals: dict[str, Outcome], calibration_calls: int) -> str:
+    """The calibration is paid once per model: amortised over N prompts (one accepted final each), the calibrated
+    previews' calls per final are theirs plus calibration_calls / N. The break-even N is where that meets the best
+    method that needs no calibration."""
+    calibrated = totals[CALIBRATED_FILE].calls_per_good_final
+    best = min((m for m in totals if m != CALIBRATED_FILE), key=lambda m: totals[m].calls_per_good_final)
+    saving = totals[best].calls_per_good_final - calibrated
+    amortised = ", ".join(f"{calibrated + calibration_calls / n:.1f} at N = {n}" for n in (1, 10, 100, 1000))
+    if saving <= 0:
+        needs = totals[best].calls_per_good_final
+        verdict = f"it never pays for itself here: {best} needs no more calls per final ({needs:.1f})"
+    else:
+        verdict = (
+            f"it pays for itself after {math.ceil(calibration_calls / saving)} prompts (break-even N), against "
+            f"{best} ({totals[best].calls_per_good_final:.1f} calls per final, {saving:.1f} more than calibrated)"
+        )
+    return (
+        f"Calibration once per model ({calibration_calls} model calls), amortised over N prompts: calibrated previews "
+        f"cost {amortised} model calls per accepted final; {verdict}."
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
