@@ -17,8 +17,8 @@ from torch import Tensor
 from .fit import Evaluate, rollout
 from .target import TargetRun
 
-SCREEN_NOISES = 3  # held-out noises every candidate is rolled out on
-FINALISTS = 5  # candidates that go on to every held-out noise (calibrated fits and the default included)
+SCREEN_NOISES = 2  # held-out noises every candidate is rolled out on
+FINALISTS = 6  # candidates that go on to every held-out noise (the calibrated fits and the default among them)
 CALIBRATED, DEFAULT, STOCK = "calibrated", "default", "stock"
 
 

@@ -169,16 +169,20 @@ def judge(
     noise: Tensor,
     labels: Tensor | None,
     steps: Sequence[int],
+    stock: bool = True,
 ) -> dict[str, dict[int, float]]:
     """{row: {steps: RMSE to the refine of the same noise}}: each coefficient source on its learned schedule (the
-    bed's schedule without one), and every stock sampler on the family's schedulers as KSampler runs them (without
-    ComfyUI, the project's dpmpp_2m on the bed's schedule). Stock rows are those ``stock_rows`` names."""
+    bed's schedule without one), and with ``stock`` every stock sampler on the family's schedulers as KSampler runs
+    them (without ComfyUI, the project's dpmpp_2m on the bed's schedule). Stock rows are those ``stock_rows``
+    names."""
     finals = sample_previews(bed, refine.sampler, refine.sigmas.float(), noise, labels)
     runs: dict[str, tuple[Sampler, Callable[[int], Tensor]]] = {
         label: (solver_sampler(source), partial(run_sigmas, bed, schedule=source.schedule))
         for label, source in sources.items()
     }
-    if comfy_unavailable_reason() is None:
+    if not stock:
+        pass
+    elif comfy_unavailable_reason() is None:
         for scheduler in CANDIDATE_SCHEDULERS[bed.kind]:
             for name in STOCK_SAMPLERS:
                 runs[f"{STOCK_PREFIX}{name} / {scheduler}"] = (
