@@ -2,7 +2,15 @@
 
 from .coefficients import PRESET_NAMES, CoefficientSource, Preset, TableCoefficients, adams_bashforth_weights
 from .equivalent import equivalent_table
-from .errors import InvalidWeights, NotLinearMultistep, UnknownChoice, UntrainedStepCount, check_choice, format_steps
+from .errors import (
+    InvalidWeights,
+    NotLinearMultistep,
+    UnknownChoice,
+    UntrainedStepCount,
+    check_choice,
+    format_steps,
+    parse_step_counts,
+)
 from .files import CoefficientFileError, load_coefficients, model_kind, read_metadata, save_coefficients
 from .policy import ConsistencyPolicy, PolicyCoefficients, actions_to_weights, active_action_mask
 from .sampling import coefficient_table, sample_consistency_solver, to_d
@@ -32,6 +40,7 @@ __all__ = [
     "format_steps",
     "load_coefficients",
     "model_kind",
+    "parse_step_counts",
     "read_metadata",
     "sample_consistency_solver",
     "save_coefficients",

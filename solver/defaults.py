@@ -1,7 +1,7 @@
 """Where the pack's bundled coefficient files live, and how the per-family defaults are made.
 
-One place for nodes (``auto`` and KSampler by name), the benchmark and the demo; the commands are README's (the
-leave-one-bed-out protocol, whose last run is the command recorded in the file's metadata).
+One place for nodes (``auto`` and KSampler by name), the benchmark and the demo; the commands are those of
+docs/training.md (the leave-one-bed-out protocol, whose last run is the command recorded in the file's metadata).
 """
 
 from __future__ import annotations

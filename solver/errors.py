@@ -6,7 +6,10 @@ command line) words them for what that user can change.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
+
+_STEP_COUNTS = re.compile(r"(\d+)(?:-(\d+))?")  # one part of a step list: 5, or the range 4-12
 
 
 def format_steps(counts: Iterable[int]) -> str:
@@ -15,6 +18,22 @@ def format_steps(counts: Iterable[int]) -> str:
     if len(ordered) > 1 and ordered == list(range(ordered[0], ordered[-1] + 1)):
         return f"{ordered[0]}-{ordered[-1]}"
     return ", ".join(str(n) for n in ordered)
+
+
+def parse_step_counts(text: str) -> tuple[int, ...]:
+    """The inverse of ``format_steps``: ``"4-12"``, ``"5,8"`` or ``"4-6, 8"`` -> the step counts, ascending, each once.
+
+    Raises ValueError, in plain words, for anything else: no count, a count below 1, a range running down.
+    """
+    bounds = []
+    for part in filter(None, text.replace(" ", "").split(",")):
+        match = _STEP_COUNTS.fullmatch(part)
+        bounds.append((int(match[1]), int(match[2] or match[1])) if match else (0, 0))
+    if not bounds or any(not 1 <= first <= last for first, last in bounds):
+        raise ValueError(
+            f"write step counts as whole numbers of at least 1, a range or a list: 4-12 or 5,8 (got {text!r})"
+        )
+    return tuple(sorted({n for first, last in bounds for n in range(first, last + 1)}))
 
 
 class UnknownChoice(ValueError):

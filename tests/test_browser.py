@@ -117,9 +117,15 @@ def test_every_example_opens_from_the_template_browser(page):
     cards = dialog.locator(".template-card")
     cards.first.wait_for()
     page.page.wait_for_timeout(1000)
-    shoot(page, "0-template-browser")
     titles = [card.locator("h3").inner_text() for card in cards.all()]
     assert sorted(titles) == sorted(EXAMPLES)
+    # Under each title, what the workflow does and which model it loads (the frontend alone repeats the title).
+    for card, title in zip(cards.all(), titles, strict=True):
+        line = card.locator("p").filter(has_text=EXAMPLES[title].description)
+        line.wait_for()
+        assert line.inner_text() == line.get_attribute("title") == EXAMPLES[title].description
+        assert line.evaluate("p => p.scrollHeight <= p.clientHeight"), f"{title}: its line is cut off"
+    shoot(page, "0-template-browser")
     page.page.keyboard.press("Escape")
     dialog.wait_for(state="detached")
     for name in sorted(EXAMPLES):

@@ -37,6 +37,7 @@ def test_quick_benchmark_writes_tables_plots_and_numbers(tmp_path, capsys):
     printed = capsys.readouterr().out
     markdown = (out / "benchmark.md").read_text()
     assert printed.strip() and "| sampler | 4 steps | 6 steps |" in markdown
+    assert f"thread(s) used, torch {torch.__version__}" in markdown  # the tables say when and where they were made
     results = json.loads((out / "results.json").read_text())
     eps, flow = results["gmm-vector-eps-cfg"], results["gmm-vector-flow-cfg"]
     # Files only rank on beds of their model family; a table has no cells for step counts it lacks.
@@ -62,6 +63,20 @@ def test_quick_benchmark_writes_tables_plots_and_numbers(tmp_path, capsys):
     assert "| gmm-vector-flow-cfg | default-flow | 6 | simple |" in markdown
     for bed in ("gmm-vector-eps-cfg", "gmm-vector-flow-cfg"):
         assert (out / f"{bed}.png").stat().st_size > 10_000
+
+
+def test_defaults_only_judges_the_bundled_defaults_at_5_and_8_steps_and_nothing_else(tmp_path):
+    out = tmp_path / "out"
+    benchmark.main(["--defaults-only", "--beds", "gmm-vector-eps-cfg", "--samples", "16", "--out", str(out)])
+    results = json.loads((out / "results.json").read_text())["gmm-vector-eps-cfg"]
+    solver_rows = {label for label in results["rows"] if label.startswith("ConsistencySolver")}
+    assert solver_rows == {
+        "ConsistencySolver (default-eps, learned schedule)",
+        "ConsistencySolver (default-eps, bed's schedule)",
+    }
+    assert not any(label.startswith(("preset", "live preview")) for label in results["rows"])
+    assert {steps for cells in results["rows"].values() for steps in cells} == {"5", "8"}
+    assert set(results["defaults"]["default-eps"]["karras"]) == {"5", "8"}
 
 
 def test_steps_to_match_says_how_far_a_row_could_go():
@@ -128,7 +143,8 @@ def test_a_file_with_a_learned_schedule_runs_on_it(tmp_path):
     assert row.run(6) is None  # no schedule for 6 steps: no cell, as for a table without that step count
 
 
-def test_the_defaults_are_judged_on_both_schedules_against_the_stock_samplers_on_each(tmp_path):
+def test_the_defaults_are_judged_on_both_schedules_against_the_stock_samplers_on_each(tmp_path, comfy_samplers):
+    # The judgement against ComfyUI's own samplers needs them; without ComfyUI the rows are absent (tested above).
     bed = get_testbed("gmm-vector-eps-cfg")
     # uni_pc asks a schedule for one step more than it takes (KSampler drops the penultimate sigma)
     schedule = StepSchedule({n: torch.linspace(0, 0.9, n, dtype=torch.float64) for n in (4, 5)})

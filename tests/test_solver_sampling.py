@@ -19,7 +19,14 @@ from consistency_solver.solver import (
     time_features,
     to_d,
 )
-from consistency_solver.solver.errors import InvalidWeights, UnknownChoice, UntrainedStepCount, check_choice
+from consistency_solver.solver.errors import (
+    InvalidWeights,
+    UnknownChoice,
+    UntrainedStepCount,
+    check_choice,
+    format_steps,
+    parse_step_counts,
+)
 from consistency_solver.solver.schedules import DiscreteSchedule, karras_sigmas
 
 MEAN, STD = 0.3, 1.5
@@ -213,6 +220,20 @@ def test_table_coefficients_refuse_step_counts_they_do_not_have():
     with pytest.raises(UntrainedStepCount, match="table was trained for 2 steps, not 3") as error:
         sample(table, torch.tensor([3.0, 2.0, 1.0, 0.0]), torch.randn(1, 2))
     assert (error.value.what, error.value.asked, error.value.trained) == ("table", 3, (2,))
+
+
+@pytest.mark.parametrize(
+    ("text", "counts"), [("4-12", tuple(range(4, 13))), ("8,5,5", (5, 8)), (" 4-6, 8,", (4, 5, 6, 8))]
+)
+def test_step_lists_read_as_ranges_and_lists_and_print_back(text, counts):
+    assert parse_step_counts(text) == counts
+    assert parse_step_counts(format_steps(counts)) == counts
+
+
+@pytest.mark.parametrize("text", ["", ",", "0-3", "-3", "5-4", "1.5", "5,,x"])
+def test_a_step_list_without_counts_of_at_least_1_is_refused_showing_the_form(text):
+    with pytest.raises(ValueError, match=f"4-12 or 5,8 \\(got {text!r}\\)"):
+        parse_step_counts(text)
 
 
 def test_a_table_that_does_not_sum_to_one_is_refused_before_sampling():

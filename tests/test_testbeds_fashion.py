@@ -41,7 +41,7 @@ def classifier():
 
 
 @pytest.fixture(scope="module")
-def test_split():
+def real_test_set():
     return load_fashion_mnist("test")
 
 
@@ -67,8 +67,8 @@ def test_missing_data_names_the_debian_package(tmp_path):
 
 
 @needs_data
-def test_real_splits_have_fashion_mnist_shapes_and_balanced_labels(test_split):
-    images, labels = test_split
+def test_real_splits_have_fashion_mnist_shapes_and_balanced_labels(real_test_set):
+    images, labels = real_test_set
     assert images.shape == (10000, 1, 28, 28)
     assert images.min() == -1 and images.max() == 1
     assert torch.bincount(labels).tolist() == [1000] * 10
@@ -110,17 +110,17 @@ def test_guidance_combines_conditional_and_unconditional_predictions(bed):
 
 
 @needs_data
-def test_denoiser_at_tiny_sigma_returns_nearly_its_input(bed, test_split):
-    images = test_split[0][:16]
+def test_denoiser_at_tiny_sigma_returns_nearly_its_input(bed, real_test_set):
+    images = real_test_set[0][:16]
     sigma = torch.full((16,), 1e-3)
     noisy = images + sigma.reshape(-1, 1, 1, 1) * torch.randn(images.shape, generator=torch.Generator().manual_seed(2))
-    denoised = bed.network(noisy, sigma, test_split[1][:16])
+    denoised = bed.network(noisy, sigma, real_test_set[1][:16])
     assert (denoised - noisy).abs().max() < 1e-2
 
 
 @needs_data
-def test_classifier_is_accurate_on_real_test_images(classifier, test_split):
-    images, labels = test_split
+def test_classifier_is_accurate_on_real_test_images(classifier, real_test_set):
+    images, labels = real_test_set
     with torch.no_grad():
         accuracy = (classifier(images[:500]).argmax(1) == labels[:500]).float().mean().item()
         features = classifier.features(images[:8])

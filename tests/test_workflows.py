@@ -82,6 +82,7 @@ def test_example_workflows_are_ui_format_and_fit_our_nodes(name, our_definitions
     assert any(node["type"] in NODE_CLASS_MAPPINGS or "consistency_solver" in node["widgets_values"]
                for node in workflow["nodes"])  # fmt: skip
     assert check_workflow(workflow, our_definitions, skip_unknown=True) == []
+    assert workflow["extra"]["description"] == EXAMPLES[name].description  # its template card's line
 
 
 def test_every_example_file_has_a_builder():

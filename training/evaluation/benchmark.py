@@ -1,7 +1,7 @@
 """Preview-consistency benchmark: every sampler a user could preview with, against the 40-step final.
 
-    python -m consistency_solver.training.evaluation.benchmark [--quick] [--beds NAME ...] [--out DIR]
-        [--coefficients PATH ...]
+    python -m consistency_solver.training.evaluation.benchmark [--quick | --defaults-only] [--beds NAME ...]
+        [--out DIR] [--coefficients PATH ...]
 
 For each test bed and held-out noise (seeds from ``references.HELD_OUT_SEED_START``), every row samples
 at 4, 5, 6, 8, 10 and 12 steps and each cell shows the consistency RMSE to the reference final (40-step
@@ -22,6 +22,9 @@ A last table judges the defaults on each bed: on the stock schedule a user picks
 ``simple`` for flow) and on their learned schedule, each against every stock sampler on the same schedule, as ratios
 to the best of them, and to what users run today (dpmpp_2m on karras for EPS/V, euler on simple for flow).
 
+``--defaults-only`` keeps the rows that table needs (the defaults and the stock samplers on each schedule) at 5
+and 8 steps: the numbers of README's results summary (``summary``), in minutes rather than hours.
+
 Then "steps to match" (the fewest ConsistencySolver steps at least as consistent as dpmpp_2m at 10 and at
 20 steps) and the sampler overhead per step with a zero-cost denoiser. Tables go to stdout and
 ``OUT/benchmark.md``, numbers to ``OUT/results.json``, plots to ``OUT/<bed>.png``.
@@ -31,8 +34,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import functools
 import json
+import os
+import platform
 import statistics
 import sys
 import time
@@ -55,6 +61,7 @@ from .stock_samplers import stock_name
 
 STEP_COUNTS = (4, 5, 6, 8, 10, 12)
 QUICK_STEP_COUNTS = (4, 6)
+DEFAULTS_STEP_COUNTS = (5, 8)  # --defaults-only: the preview step counts every judgement reads
 REFERENCE_STEPS = 40
 LIVE_PREVIEW_STEPS = 30
 MATCH_TARGETS = (10, 20)
@@ -584,9 +591,30 @@ def plot_bed(result: BedResult, step_counts: tuple[int, ...], path: Path) -> Non
     plt.close(figure)
 
 
+def machine() -> str:
+    """The machine a run was timed on, in words: CPU model, cores, threads used, torch, ComfyUI's samplers or not."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        models = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
+        cpu = models[0] if models else cpu
+    comfy = "ComfyUI's samplers absent" if stock_samplers.comfy_unavailable_reason() else "ComfyUI's own samplers"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s) used, torch {torch.__version__}, {comfy}"
+    )
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="two small beds, 16 samples, 4 and 6 steps (seconds)")
+    parser.add_argument(
+        "--defaults-only",
+        action="store_true",
+        help="judge the bundled defaults (and --coefficients files) alone at 5 and 8 steps: their rows and every "
+        "stock sampler on each schedule, no presets, live preview or other files (minutes a learned bed)",
+    )
     parser.add_argument("--beds", nargs="+", help=f"test beds (default: {' '.join(DEFAULT_BEDS)})")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmark"), help="folder for tables and plots")
     parser.add_argument("--coefficients", type=Path, nargs="*", default=[], help="extra coefficient files to rank")
@@ -601,10 +629,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)  # shared cores: one thread avoids contention; the beds are small
-    step_counts = QUICK_STEP_COUNTS if args.quick else STEP_COUNTS
+    step_counts = QUICK_STEP_COUNTS if args.quick else DEFAULTS_STEP_COUNTS if args.defaults_only else STEP_COUNTS
     beds = args.beds or (QUICK_BEDS if args.quick else DEFAULT_BEDS)
-    files = coefficient_files(args.coefficients)
     defaults = sorted(BUNDLED_DIR.glob("*.safetensors"))
+    files = [*defaults, *args.coefficients] if args.defaults_only else coefficient_files(args.coefficients)
     args.out.mkdir(parents=True, exist_ok=True)
 
     def log(message: str) -> None:
@@ -612,7 +640,12 @@ def main(argv: list[str] | None = None) -> None:
 
     arguments = sys.argv[1:] if argv is None else argv
     command = "python -m consistency_solver.training.evaluation.benchmark " + " ".join(arguments)
-    sections = [f"## Benchmark\n\n`{command.strip()}`\n", f"Coefficient files: {[str(p) for p in files] or 'none'}\n"]
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    sections = [
+        f"## Benchmark\n\n`{command.strip()}`\n",
+        f"Run {started} on {machine()}.\n",
+        f"Coefficient files: {', '.join(path.name for path in files) or 'none'}\n",
+    ]
     results = {}
     for name in beds:
         log(f"{name} ...")
@@ -623,7 +656,16 @@ def main(argv: list[str] | None = None) -> None:
             log(f"  skipped: {error}")
             continue
         count = args.samples or bed_samples(name, args.quick)
-        result = evaluate_bed(bed, count, step_counts, files, match=not args.quick, log=log, judged=defaults)
+        result = evaluate_bed(
+            bed,
+            count,
+            step_counts,
+            files,
+            match=not (args.quick or args.defaults_only),
+            log=log,
+            judged=defaults,
+            judged_only=args.defaults_only,
+        )
         results[name] = result
         sections.append(f"{count} held-out noises.\n\n" + bed_table(result, step_counts))
         plot_bed(result, step_counts, args.out / f"{name}.png")

@@ -23,13 +23,14 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
-from ...solver import format_steps, save_coefficients
+from ...solver import format_steps, parse_step_counts, save_coefficients
 from ...solver.coefficients import ROW_SUMS
 from ...solver.files import model_kind
 from ...solver.policy import LAST_STEPS
@@ -77,21 +78,30 @@ from .rewards import REWARD_NAMES, load_feature_encoder, make_reward
 CALIBRATE = "calibrate"  # forward-only calibration (the runtime's calibration room), not a TrainConfig mode
 
 
-def step_range(text: str) -> tuple[int, ...]:
-    """``4-12`` or ``4,5,8`` -> step counts."""
-    try:
-        if "-" in text:
-            low, high = (int(part) for part in text.split("-"))
-            steps = tuple(range(low, high + 1))
-        else:
-            steps = tuple(int(part) for part in text.split(","))
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"step counts look like 4-12 or 4,5,8, got {text!r}") from error
-    if not steps:
-        raise argparse.ArgumentTypeError(
-            f"a step range goes from the lower count to the higher, e.g. 4-12, got {text!r}"
-        )
-    return steps
+def checked(convert: Callable[[str], Any], rule: str, valid: Callable[[Any], bool] = lambda value: True):
+    """An argparse ``type`` that converts the text with ``convert`` and refuses what it cannot convert or ``valid``
+    rejects, saying "use <rule>, not <text>" (argparse names the flag before it)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+            if valid(value):
+                return value
+        except ValueError:
+            pass
+        raise argparse.ArgumentTypeError(f"use {rule}, not {text}")
+
+    return parse
+
+
+STEP_COUNTS = checked(parse_step_counts, "step counts of at least 1, as 4-12 or 5,8")
+AT_LEAST_ONE = checked(int, "a whole number of at least 1", lambda n: n >= 1)
+TRAINING_NOISES = checked(
+    int, f"a whole number from 1 to {TRAINING_SEED_LIMIT}", lambda n: 1 <= n <= TRAINING_SEED_LIMIT
+)
+GUIDANCE = checked(float, "a finite number of at least 0", lambda x: math.isfinite(x) and x >= 0)
+LATENT_SIDE = checked(int, "a positive multiple of 8", lambda n: n > 0 and n % 8 == 0)
+PROMPTS_FILE = checked(Path, "an existing text file, one prompt per line", Path.is_file)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -99,15 +109,16 @@ def parser() -> argparse.ArgumentParser:
         prog="consistency-solver-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     source = p.add_argument_group("what to train for (give --bed, or --comfy-checkpoint)")
-    source.add_argument("--bed", action="append", choices=TESTBED_NAMES, help="built-in test bed; repeat to mix beds")
-    source.add_argument("--comfy-checkpoint", help="a ComfyUI checkpoint file (path or name in models/checkpoints)")
+    model = source.add_mutually_exclusive_group(required=True)
+    model.add_argument("--bed", action="append", choices=TESTBED_NAMES, help="built-in test bed; repeat to mix beds")
+    model.add_argument("--comfy-checkpoint", help="a ComfyUI checkpoint file (path or name in models/checkpoints)")
     source.add_argument("--comfyui", help="the ComfyUI install (default: $COMFYUI_PATH or /opt/ComfyUI)")
-    source.add_argument("--prompts", help="text file, one prompt per line (ComfyUI backend)")
+    source.add_argument("--prompts", type=PROMPTS_FILE, help="text file, one prompt per line (ComfyUI backend)")
     source.add_argument("--negative", default="", help="negative prompt (ComfyUI backend)")
-    source.add_argument("--cfg", type=float, default=3.0, help="CFG scale (ComfyUI backend; the paper: 3)")
+    source.add_argument("--cfg", type=GUIDANCE, default=3.0, help="CFG scale (ComfyUI backend; the paper: 3)")
     source.add_argument("--scheduler", default="simple", help="ComfyUI scheduler for the sigmas (ComfyUI backend)")
-    source.add_argument("--width", type=int, default=512)
-    source.add_argument("--height", type=int, default=512)
+    source.add_argument("--width", type=LATENT_SIDE, default=512)
+    source.add_argument("--height", type=LATENT_SIDE, default=512)
 
     method = p.add_argument_group("optimisation")
     method.add_argument(
@@ -124,7 +135,7 @@ def parser() -> argparse.ArgumentParser:
         help="calibrate: most model calls, the reference runs included; it sets how many noises are fitted on and "
         "held out",
     )
-    method.add_argument("--steps", type=step_range, default=tuple(range(4, 13)), help="step counts (default 4-12)")
+    method.add_argument("--steps", type=STEP_COUNTS, default=tuple(range(4, 13)), help="step counts (default 4-12)")
     method.add_argument("--updates", type=int, default=200)
     method.add_argument("--lr", type=float, default=1e-3)
     method.add_argument(
@@ -190,12 +201,14 @@ def parser() -> argparse.ArgumentParser:
     data.add_argument("--feature-factory", help="feature reward: 'package.module:function' building the encoder")
     data.add_argument("--feature-weights", help="feature reward: local weights file or folder")
     data.add_argument("--reference-method", choices=REFERENCE_METHODS, default="multistep")
-    data.add_argument("--reference-steps", type=int, default=40)
-    data.add_argument("--train-count", type=int, default=256, help="training noises (seeds below 10000)")
+    data.add_argument("--reference-steps", type=AT_LEAST_ONE, default=40)
+    data.add_argument("--train-count", type=TRAINING_NOISES, default=256, help="training noises (seeds below 10000)")
     data.add_argument(
-        "--mixture-train-count", type=int, help="training noises of a Gaussian-mixture bed (default: --train-count)"
+        "--mixture-train-count",
+        type=TRAINING_NOISES,
+        help="training noises of a Gaussian-mixture bed (default: --train-count)",
     )
-    data.add_argument("--held-out-count", type=int, default=128, help="held-out noises (seeds 10000 and up)")
+    data.add_argument("--held-out-count", type=AT_LEAST_ONE, default=128, help="held-out noises (seeds 10000 and up)")
     data.add_argument(
         "--references-dir",
         help="reference cache (default: $CONSISTENCY_SOLVER_REFERENCE_CACHE, else "
@@ -225,11 +238,11 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N updates (0: off)")
     run.add_argument(
         "--report-steps",
-        type=step_range,
+        type=STEP_COUNTS,
         help="step counts of the held-out evaluation (default 5,8, those of them in --steps) and of the report "
         "(default: --steps)",
     )
-    run.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    run.add_argument("--threads", type=AT_LEAST_ONE, default=None, help="torch CPU threads")
     run.add_argument("--no-progress", action="store_true")
     return p
 
@@ -271,73 +284,34 @@ def flag(name: str) -> str:
     return SETTING_FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
-def shown(value: Any) -> str:
-    """A value as it is typed on the command line (step counts as 4-12 or 4,5,8)."""
-    if isinstance(value, tuple | list):
-        if len(value) > 1 and tuple(value) == tuple(range(value[0], value[-1] + 1)):
-            return f"{value[0]}-{value[-1]}"
-        return ",".join(str(v) for v in value)
-    return str(value)
-
-
-def refuse(p: argparse.ArgumentParser, name: str, rule: str, value: Any) -> NoReturn:
-    default = p.get_default(name)
-    hint = "" if default is None else f" (default {shown(default)})"
-    raise SystemExit(f"error: set {flag(name)} to {rule}{hint}, not {shown(value)}")
+def typed(value: Any) -> str:
+    """A setting as it is typed on the command line (step counts as 4-12 or 4,5,8)."""
+    return format_steps(value).replace(" ", "") if isinstance(value, tuple) else str(value)
 
 
 def checked_config(p: argparse.ArgumentParser, args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig of the flags; refuses bad values."""
+    """The TrainConfig of the flags; what it refuses, argparse reports."""
     try:
         return config_from(args)
     except SettingError as error:
-        refuse(p, error.name, error.rule, error.value)
+        p.error(f"argument {flag(error.name)}: use {error.rule}, not {typed(error.value)}")
     except ValueError as error:  # a combination of flags: its message names them
-        raise SystemExit(f"error: {error}") from error
+        p.error(str(error))
 
 
-def check_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuses bad values of the flags that TrainConfig does not hold."""
-    at_least_one = "a whole number of at least 1"
-    checks = [
-        ("threads", args.threads is None or args.threads >= 1, at_least_one),
-        (
-            "train_count",
-            1 <= args.train_count <= TRAINING_SEED_LIMIT,
-            f"a whole number from 1 to {TRAINING_SEED_LIMIT}",
-        ),
-        (
-            "mixture_train_count",
-            args.mixture_train_count is None or 1 <= args.mixture_train_count <= TRAINING_SEED_LIMIT,
-            f"a whole number from 1 to {TRAINING_SEED_LIMIT}",
-        ),
-        ("held_out_count", args.held_out_count >= 1, at_least_one),
-        ("reference_steps", args.reference_steps >= 1, at_least_one),
-        ("cfg", math.isfinite(args.cfg) and args.cfg >= 0, "a finite number of at least 0"),
-        ("width", args.width > 0 and args.width % 8 == 0, "a positive multiple of 8"),
-        ("height", args.height > 0 and args.height % 8 == 0, "a positive multiple of 8"),
-    ]
-    for name, valid, rule in checks:
-        if not valid:
-            refuse(p, name, rule, getattr(args, name))
+def check_combinations(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What the flags need of each other (each flag's own value is checked by its ``type``)."""
     if args.report_steps and not set(args.report_steps) <= set(args.steps):
-        refuse(p, "report_steps", f"step counts among --steps ({shown(args.steps)})", args.report_steps)
-
-
-def check_source(args: argparse.Namespace) -> None:
-    """What to train for: one source, with what it needs."""
-    if bool(args.bed) == bool(args.comfy_checkpoint):
-        raise SystemExit("error: give --bed (a built-in test bed) or --comfy-checkpoint (a ComfyUI model), one of them")
-    if args.comfy_checkpoint:
-        if not args.prompts:
-            raise SystemExit("error: give --prompts a text file with one prompt per line (--comfy-checkpoint needs it)")
-        if not Path(args.prompts).is_file():
-            raise SystemExit(
-                f"error: give --prompts an existing text file, one prompt per line: {args.prompts} is none"
-            )
-        check_checkpoint(args)
+        p.error(
+            f"argument --report-steps: use step counts among --steps ({typed(args.steps)}), "
+            f"not {typed(args.report_steps)}"
+        )
+    if args.comfy_checkpoint and not args.prompts:
+        p.error("argument --prompts: give a text file with one prompt per line (--comfy-checkpoint needs it)")
     if args.reward == "feature" and not (args.feature_factory and args.feature_weights):
-        raise SystemExit("error: give --feature-factory and --feature-weights with --reward feature")
+        p.error("give --feature-factory and --feature-weights with --reward feature")
+    if args.mode == CALIBRATE and args.bed and len(args.bed) > 1:
+        p.error("--mode calibrate fits one model: give one --bed, or --comfy-checkpoint")
 
 
 def check_checkpoint(args: argparse.Namespace) -> None:
@@ -457,8 +431,8 @@ def check_resume(args: argparse.Namespace, config: TrainConfig, checkpoint: Path
     try:
         read_checkpoint(checkpoint, config)
     except CheckpointMismatch as error:
-        stored = " ".join(f"{flag(name)} {shown(old)}" for name, (old, _) in error.differences.items())
-        asked = " ".join(f"{flag(name)} {shown(new)}" for name, (_, new) in error.differences.items())
+        stored = " ".join(f"{flag(name)} {typed(old)}" for name, (old, _) in error.differences.items())
+        asked = " ".join(f"{flag(name)} {typed(new)}" for name, (_, new) in error.differences.items())
         raise SystemExit(
             f"error: resume with {stored}, as the checkpoint {checkpoint} was written, or leave out --resume to start "
             f"a new run; this run asks {asked}"
@@ -520,10 +494,8 @@ def calibrate_main(args: argparse.Namespace, command: str) -> None:
         except NoPrompts:
             raise SystemExit(f"{args.prompts} has no prompts") from None
         name = bed.name
-    elif args.bed and len(args.bed) == 1:
-        bed, name = get_testbed(args.bed[0]), args.bed[0]
     else:
-        raise SystemExit("--mode calibrate fits one model: give one --bed, or --comfy-checkpoint")
+        bed, name = get_testbed(args.bed[0]), args.bed[0]
     steps = tuple(sorted(set(args.steps)))
     refine = Refine(reference_sampler, bed.sigmas(args.reference_steps), f"the {args.reference_steps}-step reference")
     try:
@@ -582,8 +554,9 @@ def main(argv: list[str] | None = None) -> None:
     p = parser()
     args = p.parse_args(argv)
     # Every flag, path and checkpoint is checked before any reference is built.
-    check_flags(p, args)
-    check_source(args)
+    check_combinations(p, args)
+    if args.comfy_checkpoint:
+        check_checkpoint(args)
     if args.mode == CALIBRATE:
         run_paths(args)
         if args.threads:
