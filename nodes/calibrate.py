@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..calibration import CALIBRATOR_REVISION
+from ..solver import parse_step_counts
 from . import widgets
 from .coefficients import CALIBRATED_FAMILY
 from .preview_state import DEFAULT_REFINE_SAMPLER
@@ -35,9 +36,9 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]*$")
 
 
 def parse_steps(text: str) -> tuple[int, ...]:
-    """``"5,8"`` -> (5, 8); the wording is the node's."""
+    """``"5,8"`` (or ``"5-8"``) -> (5, 8), worded for the node; a preview needs 2 steps or more."""
     try:
-        steps = tuple(sorted({int(part) for part in text.replace(" ", "").split(",") if part}))
+        steps = parse_step_counts(text)
     except ValueError:
         steps = ()
     if not steps or steps[0] < 2:
