@@ -283,12 +283,14 @@ def fit(
         owner = torch.cat([torch.full((len(group),), g) for g, group in enumerate(groups)])[order]
 
         def denoiser(x: torch.Tensor, sigma: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+            # The calibrator keeps its states on the CPU; the model gets them where ComfyUI put the noise.
             denoised = torch.empty_like(x)
-            for g, (model_k, _, extra_args) in enumerate(guided):
+            for g, (model_k, start, extra_args) in enumerate(guided):
                 rows = (owner[samples] == g).nonzero().flatten()
                 if len(rows):
                     batched = InBatches(model_k, latent.shape[0])
-                    denoised[rows] = batched(x[rows], sigma[rows], **extra_args).to(x.dtype)
+                    inputs = x[rows].to(start.device, start.dtype), sigma[rows].to(start.device)
+                    denoised[rows] = batched(*inputs, **extra_args).to(x.device, x.dtype)
             return denoised
 
         result["calibration"] = calibrate(
