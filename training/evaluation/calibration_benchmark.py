@@ -6,12 +6,12 @@
 Per learned bed and class: the refine is the node's default (ComfyUI's dpmpp_2m, ``simple``, 30 steps, the bed's
 guidance); the calibration runs the runtime's calibrator with its guard as the node drives it (probe, candidates,
 noise plan, record, fit, validate) within the node's default budget of model calls, on the class as its prompt. The
-file is judged on 64 fresh noises of that class ("same prompt") and 64 of the other classes ("other prompts"),
-against every stock ComfyUI sampler on the family's schedulers and the bundled default on its learned schedule: RMSE
-to the refine of the same noise. Then, per bed, three prompts against one: a calibration on the first class and the
-next two (the noises spread over them, as the node does with three prompts) and the one-prompt file of the first
-class, both judged on 64 noises of the seven classes neither saw. Tables to stdout and ``OUT/calibration.md``,
-numbers to ``OUT/calibration.json``.
+file is judged on 64 fresh noises of that class ("same prompt") and 64 fresh noises of the classes no calibration of
+the run saw ("other prompts"; with the default classes 0, 3 and 7: the other seven), against every stock ComfyUI
+sampler on the family's schedulers and the bundled default on its learned schedule: RMSE to the refine of the same
+noise. Then, per bed, three prompts against one: a calibration on all the classes (the noises spread over them, as
+the node does with three prompts) and the one-prompt file of the first class, both judged on those other prompts.
+Tables to stdout and ``OUT/calibration.md``, numbers to ``OUT/calibration.json``.
 """
 
 from __future__ import annotations
@@ -77,26 +77,23 @@ def cells(rows: dict[str, dict[int, float]], label: str) -> dict[str, dict]:
     return result
 
 
-def calibrated_cells(judge_: Judge, label: int, budget: int) -> tuple[dict, object]:
-    """Calibrate on one class and judge on it and on the other classes."""
+def calibrated_cells(judge_: Judge, label: int, unseen: list[int], budget: int) -> tuple[dict, object]:
+    """Calibrate on one class and judge on it and on the ``unseen`` classes."""
     bed = judge_.bed
     started = time.perf_counter()
     calibration = calibrate_bed(bed, STEPS, budget, classes=[label], refine=judge_.refine)
     seconds = time.perf_counter() - started
-    others = [c for c in range(bed.num_classes) if c != label]
     result = {"bed": bed.name, "class": label, "seconds": seconds, "refine": judge_.refine.label,
               **calibration.summary()}  # fmt: skip
-    for prompt, classes, offset in (("same", [label], 0), ("other", others, JUDGE_NOISES)):
+    for prompt, classes, offset in (("same", [label], 0), ("other", unseen, JUDGE_NOISES)):
         result[prompt] = cells(judge_.rows({CALIBRATED: calibration.coefficients}, classes, offset), CALIBRATED)
     return result, calibration
 
 
-def prompts_cells(judge_: Judge, label: int, one_prompt, budget: int) -> dict:
-    """Three prompts against one, on the classes neither calibration saw."""
+def prompts_cells(judge_: Judge, seen: list[int], unseen: list[int], one_prompt, budget: int) -> dict:
+    """Several prompts (``seen``) against the first alone, on the classes neither calibration saw."""
     bed = judge_.bed
-    seen = [(label + k) % bed.num_classes for k in range(3)]
     calibration = calibrate_bed(bed, STEPS, budget, classes=seen, refine=judge_.refine)
-    unseen = [c for c in range(bed.num_classes) if c not in seen]
     sources = {CALIBRATED: calibration.coefficients, ONE_PROMPT: one_prompt.coefficients}
     rows = judge_.rows(sources, unseen, JUDGE_NOISES)
     return {"bed": bed.name, "prompts": seen, "three": cells(rows, CALIBRATED), "one": cells(rows, ONE_PROMPT),
@@ -134,7 +131,7 @@ def table(results: list[dict]) -> str:
 
 def prompts_table(results: list[dict]) -> str:
     lines = [
-        "| bed | calibrated on | steps | three prompts: RMSE (x best stock) | one prompt (the first): RMSE "
+        "| bed | calibrated on | steps | all the prompts: RMSE (x best stock) | the first prompt alone: RMSE "
         "(x best stock) |",
         "|---|---|---|---|---|",
     ]
@@ -148,7 +145,7 @@ def prompts_table(results: list[dict]) -> str:
     for n in map(str, STEPS):
         three = sum(r["three"][n]["vs_stock"] for r in results) / len(results)
         one = sum(r["one"][n]["vs_stock"] for r in results) / len(results)
-        lines.append(f"\n- {n} steps, on classes neither saw: three prompts {three:.3f}x, one prompt {one:.3f}x")
+        lines.append(f"\n- {n} steps, on classes neither saw: all the prompts {three:.3f}x, the first alone {one:.3f}x")
     return "\n".join(lines)
 
 
@@ -166,13 +163,16 @@ def main(argv: list[str] | None = None) -> None:
     results, comparisons = [], []
     for name in args.beds:
         judge_ = Judge(get_testbed(name))
+        unseen = [c for c in range(judge_.bed.num_classes) if c not in args.classes]
         for label in args.classes:
-            result, calibration = calibrated_cells(judge_, label, args.budget)
+            result, calibration = calibrated_cells(judge_, label, unseen, args.budget)
             results.append(result)
             print(json.dumps({k: result[k] for k in ("bed", "class", "winners", "same", "other")}), flush=True)
-            if label == args.classes[0] and not args.no_prompts_comparison:
-                comparisons.append(prompts_cells(judge_, label, calibration, args.budget))
-                print(json.dumps(comparisons[-1]), flush=True)
+            if label == args.classes[0]:
+                first = calibration
+        if not args.no_prompts_comparison:
+            comparisons.append(prompts_cells(judge_, list(args.classes), unseen, first, args.budget))
+            print(json.dumps(comparisons[-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "calibration.json").write_text(json.dumps({"cells": results, "prompts": comparisons}, indent=1))
     header = (
