@@ -11,7 +11,8 @@ preview to the 40-step final from the same noise for what users run today (dpmpp
 euler on simple for flow), for the best stock sampler on that stock schedule and for the default file on its learned
 schedule (the ``consistency_solver`` scheduler), each as a multiple of the best stock sampler's; and, where the
 calibration benchmark ran the bed, the calibrated file's multiple of the best stock sampler against its own target
-(the refine it was calibrated to), averaged over the prompts it was run with. Printed as markdown; the plot shows
+(the refine it was calibrated to), averaged over the classes it was calibrated on, one at a time. Printed as
+markdown; the plot shows
 the multiples.
 """
 
@@ -40,18 +41,17 @@ class Cell:
     calibrated: float | None  # the calibrated file's RMSE / the best stock sampler's (its own target); None: not run
 
 
-def calibrated_ratios(calibration: list[dict] | None) -> dict[str, dict[int, float]]:
+def calibrated_ratios(calibration: dict | None) -> dict[str, dict[int, float]]:
     """{bed: {steps: mean over its one-prompt calibrations of calibrated RMSE / best stock RMSE, same prompt}}."""
     ratios: dict[str, dict[int, list[float]]] = {}
-    for result in calibration or []:
-        if len(result["prompts"]) == 1:
-            for n, cell in result["same"].items():
-                ratios.setdefault(result["bed"], {}).setdefault(int(n), []).append(cell["vs_stock"])
+    for result in (calibration or {}).get("cells", []):
+        for n, cell in result["same"].items():
+            ratios.setdefault(result["bed"], {}).setdefault(int(n), []).append(cell["vs_stock"])
     return {bed: {n: statistics.fmean(values) for n, values in cells.items()} for bed, cells in ratios.items()}
 
 
 def cells(
-    benchmark: dict, calibration: list[dict] | None, steps: tuple[int, ...] = STEPS
+    benchmark: dict, calibration: dict | None, steps: tuple[int, ...] = STEPS
 ) -> dict[str, dict[int, Cell]]:
     """{bed: {steps: Cell}} for every bed of ``benchmark`` with a judged default at ``steps``."""
     calibrated = calibrated_ratios(calibration)
