@@ -12,8 +12,7 @@ euler on simple for flow), for the best stock sampler on that stock schedule and
 schedule (the ``consistency_solver`` scheduler), each as a multiple of the best stock sampler's; and, where the
 calibration benchmark ran the bed, the calibrated file's multiple of the best stock sampler against its own target
 (the refine it was calibrated to), averaged over the classes it was calibrated on, one at a time. Printed as
-markdown; the plot shows
-the multiples.
+markdown; the plot shows the multiples.
 """
 
 from __future__ import annotations
