@@ -49,9 +49,7 @@ def calibrated_ratios(calibration: dict | None) -> dict[str, dict[int, float]]:
     return {bed: {n: statistics.fmean(values) for n, values in cells.items()} for bed, cells in ratios.items()}
 
 
-def cells(
-    benchmark: dict, calibration: dict | None, steps: tuple[int, ...] = STEPS
-) -> dict[str, dict[int, Cell]]:
+def cells(benchmark: dict, calibration: dict | None, steps: tuple[int, ...] = STEPS) -> dict[str, dict[int, Cell]]:
     """{bed: {steps: Cell}} for every bed of ``benchmark`` with a judged default at ``steps``."""
     calibrated = calibrated_ratios(calibration)
     table = {}
