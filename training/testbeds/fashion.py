@@ -256,7 +256,31 @@ class FashionDenoiser(nn.Module):
         return c_skip * x + c_out * self.raw(c_in * x, c_noise.reshape(-1), labels)
 
 
-class FashionUNet(FashionDenoiser):
+class ConvDenoiser(FashionDenoiser):
+    """The UNets' shared ends: the timestep and class embedding, the input convolution and the zero-initialised output
+    head (so a fresh network starts at the identity of its preconditioning). Called in this order from ``__init__``
+    so that the parameters keep their names."""
+
+    def add_stem(self, in_channels: int, channels: int, emb_channels: int, num_classes: int) -> None:
+        self.fourier = FourierEmbedding(64)
+        self.class_embed = nn.Embedding(num_classes + 1, emb_channels)
+        self.emb_mlp = nn.Sequential(nn.Linear(64, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels))
+        self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
+
+    def add_head(self, channels: int, in_channels: int) -> None:
+        self.norm_out = nn.GroupNorm(8, channels)
+        self.conv_out = nn.Conv2d(channels, in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def embedding(self, c_noise: Tensor, labels: Tensor) -> Tensor:
+        return F.silu(self.emb_mlp(self.fourier(c_noise)) + self.class_embed(labels))
+
+    def head(self, h: Tensor) -> Tensor:
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class FashionUNet(ConvDenoiser):
     """Class-conditional UNet over three levels (28 -> 14 -> 7 on images, 14 -> 7 -> 4 on latents), attention at the
     coarsest."""
 
@@ -272,10 +296,7 @@ class FashionUNet(FashionDenoiser):
     ):
         super().__init__(parameterisation, num_classes)
         c0, c1, c2 = channels
-        self.fourier = FourierEmbedding(64)
-        self.class_embed = nn.Embedding(num_classes + 1, emb_channels)
-        self.emb_mlp = nn.Sequential(nn.Linear(64, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels))
-        self.conv_in = nn.Conv2d(in_channels, c0, 3, padding=1)
+        self.add_stem(in_channels, c0, emb_channels, num_classes)
         self.enc0 = ResBlock(c0, c0, emb_channels)
         self.down0 = nn.Conv2d(c0, c0, 3, stride=2, padding=1)
         self.enc1 = ResBlock(c0, c1, emb_channels)
@@ -286,13 +307,10 @@ class FashionUNet(FashionDenoiser):
         self.dec2 = ResBlock(2 * c2, c2, emb_channels)
         self.dec1 = ResBlock(c2 + c1, c1, emb_channels)
         self.dec0 = ResBlock(c1 + c0, c0, emb_channels)
-        self.norm_out = nn.GroupNorm(8, c0)
-        self.conv_out = nn.Conv2d(c0, in_channels, 3, padding=1)
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        self.add_head(c0, in_channels)
 
     def raw(self, x: Tensor, c_noise: Tensor, labels: Tensor) -> Tensor:
-        emb = F.silu(self.emb_mlp(self.fourier(c_noise)) + self.class_embed(labels))
+        emb = self.embedding(c_noise, labels)
         h0 = self.enc0(self.conv_in(x), emb)
         h1 = self.enc1(self.down0(h0), emb)
         h2 = self.enc2(self.down1(h1), emb)
@@ -302,10 +320,10 @@ class FashionUNet(FashionDenoiser):
         # the learned part of the upsampling.
         h = self.dec1(torch.cat([F.interpolate(h, size=h1.shape[-2:]), h1], dim=1), emb)
         h = self.dec0(torch.cat([F.interpolate(h, size=h0.shape[-2:]), h0], dim=1), emb)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.head(h)
 
 
-class FashionAttentionUNet(FashionDenoiser):
+class FashionAttentionUNet(ConvDenoiser):
     """A UNet of another layout than ``FashionUNet``: two levels on the latent (14 -> 7), wider (48 and 96 channels),
     and self-attention (4 heads) after every block at 7x7, in the encoder, the middle and the decoder, as SD-style
     UNets attend at each of their coarse levels."""
@@ -323,10 +341,7 @@ class FashionAttentionUNet(FashionDenoiser):
     ):
         super().__init__(parameterisation, num_classes)
         c0, c1 = channels
-        self.fourier = FourierEmbedding(64)
-        self.class_embed = nn.Embedding(num_classes + 1, emb_channels)
-        self.emb_mlp = nn.Sequential(nn.Linear(64, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels))
-        self.conv_in = nn.Conv2d(in_channels, c0, 3, padding=1)
+        self.add_stem(in_channels, c0, emb_channels, num_classes)
         self.enc0 = ResBlock(c0, c0, emb_channels)
         self.down = nn.Conv2d(c0, c0, 3, stride=2, padding=1)
         self.enc1 = ResBlock(c0, c1, emb_channels)
@@ -337,19 +352,16 @@ class FashionAttentionUNet(FashionDenoiser):
         self.dec1 = ResBlock(2 * c1, c1, emb_channels)
         self.dec1_attn = Attention(c1, heads)
         self.dec0 = ResBlock(c1 + c0, c0, emb_channels)
-        self.norm_out = nn.GroupNorm(8, c0)
-        self.conv_out = nn.Conv2d(c0, in_channels, 3, padding=1)
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        self.add_head(c0, in_channels)
 
     def raw(self, x: Tensor, c_noise: Tensor, labels: Tensor) -> Tensor:
-        emb = F.silu(self.emb_mlp(self.fourier(c_noise)) + self.class_embed(labels))
+        emb = self.embedding(c_noise, labels)
         h0 = self.enc0(self.conv_in(x), emb)
         h1 = self.enc1_attn(self.enc1(self.down(h0), emb))
         h = self.mid1(self.mid_attn(self.mid0(h1, emb)), emb)
         h = self.dec1_attn(self.dec1(torch.cat([h, h1], dim=1), emb))
         h = self.dec0(torch.cat([F.interpolate(h, size=h0.shape[-2:]), h0], dim=1), emb)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.head(h)
 
 
 class DiTBlock(nn.Module):
