@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ...calibration import Calibration
 from ...solver import load_coefficients
 from ...solver.defaults import BUNDLED_DIR, default_file_name
 from ..testbeds import FASHION_BEDS, get_testbed, run_sigmas
@@ -31,6 +32,12 @@ STEPS = (5, 8)
 SHOWN = 4  # noises in the picture
 JUDGED = 16  # noises that pick the best stock sampler
 DEFAULT = "default"
+
+
+def kept(calibration: Calibration, steps: int) -> str:
+    """What the guard kept at ``steps`` when the fit lost, as a caption line."""
+    winner = calibration.validation.winners[steps]
+    return "" if calibration.kinds[winner] == CALIBRATED else f"\nkept {winner}"
 
 
 def picture(bed_name: str, garment: int, out: Path) -> dict[str, float]:
@@ -54,7 +61,7 @@ def picture(bed_name: str, garment: int, out: Path) -> dict[str, float]:
                 stock_sampler(name), ksampler_sigmas(bed, name, scheduler, n).float()
             ),
             f"default\n{n} steps": (solver_sampler(default), run_sigmas(bed, n, default.schedule).float()),
-            f"calibrated\n{n} steps": (
+            f"calibrated\n{n} steps{kept(calibration, n)}": (
                 solver_sampler(calibration.coefficients), run_sigmas(bed, n, calibration.coefficients.schedule).float()
             ),
         }  # fmt: skip
