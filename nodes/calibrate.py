@@ -136,8 +136,9 @@ class ConsistencySolverCalibrate:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         extra_prompt = (
             "CONDITIONING",
-            {"tooltip": "Optional: one more prompt to calibrate on. 2-4 varied prompts make a calibration that "
-             "serves every prompt of this model; the noises are spread over them."},
+            {"tooltip": "Optional: one more prompt to calibrate on; the noises are spread over the prompts. One "
+             "prompt already serves others (on the test models three were no better than one); add prompts when "
+             "yours differ widely, in style or subject."},
         )  # fmt: skip
         return {
             "required": {
