@@ -77,3 +77,11 @@ def test_a_benchmark_without_judged_defaults_is_refused_naming_the_file(tmp_path
     with pytest.raises(SystemExit):
         summary.main([str(empty)])
     assert f"{empty} judges no default" in capsys.readouterr().err
+
+
+def test_runs_of_different_beds_make_one_table(tmp_path, capsys):
+    eps, flow = tmp_path / "eps.json", tmp_path / "flow.json"
+    eps.write_text(json.dumps({"fashion-eps-cfg": BENCHMARK["fashion-eps-cfg"]}))
+    flow.write_text(json.dumps({"fashion-flow-cfg": BENCHMARK["fashion-flow-cfg"]}))
+    summary.main([str(eps), str(flow)])
+    assert capsys.readouterr().out == summary.markdown(summary.cells(BENCHMARK, None))

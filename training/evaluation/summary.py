@@ -1,9 +1,10 @@
 """The results summary of README.md: one table and one plot, from the numbers the benchmarks wrote.
 
-    python -m consistency_solver.training.evaluation.summary BENCHMARK_JSON [--calibration CALIBRATION_JSON]
+    python -m consistency_solver.training.evaluation.summary BENCHMARK_JSON [...] [--calibration CALIBRATION_JSON]
         [--plot docs/images/results.png]
 
-``BENCHMARK_JSON`` is the ``results.json`` of ``benchmark`` (its defaults table: each bundled default on the bed's
+``BENCHMARK_JSON`` is the ``results.json`` of ``benchmark``, or several (runs of different beds; a bed in two is
+read from the last) (its defaults table: each bundled default on the bed's
 stock schedule and on its learned one, against every stock ComfyUI sampler), ``CALIBRATION_JSON`` the
 ``calibration.json`` of ``calibration_benchmark`` (the artist's case: a file calibrated on one prompt, judged on
 fresh noises of that prompt). For every bed of the benchmark, at 5 and 8 steps, the table shows the RMSE of a
@@ -135,15 +136,16 @@ def plot(table: dict[str, dict[int, Cell]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", type=Path, help="results.json of the benchmark")
+    parser.add_argument("benchmark", type=Path, nargs="+", help="results.json of the benchmark (one or more runs)")
     parser.add_argument("--calibration", type=Path, help="calibration.json of the calibration benchmark")
     parser.add_argument("--plot", type=Path, help="where to write the plot (PNG)")
     args = parser.parse_args(argv)
-    benchmark = json.loads(args.benchmark.read_text())
+    benchmark = {bed: result for path in args.benchmark for bed, result in json.loads(path.read_text()).items()}
     calibration = json.loads(args.calibration.read_text()) if args.calibration else None
     table = cells(benchmark, calibration)
     if not table:
-        parser.error(f"argument benchmark: {args.benchmark} judges no default at {STEPS} steps; run the benchmark")
+        shown = " ".join(map(str, args.benchmark))
+        parser.error(f"argument benchmark: {shown} judges no default at {STEPS} steps; run the benchmark")
     print(markdown(table), end="")
     if args.plot:
         plot(table, args.plot)
