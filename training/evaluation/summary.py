@@ -3,9 +3,9 @@
     python -m consistency_solver.training.evaluation.summary BENCHMARK_JSON [...] [--calibration CALIBRATION_JSON]
         [--plot docs/images/results.png]
 
-``BENCHMARK_JSON`` is the ``results.json`` of ``benchmark``, or several (runs of different beds; a bed in two is
-read from the last) (its defaults table: each bundled default on the bed's
-stock schedule and on its learned one, against every stock ComfyUI sampler), ``CALIBRATION_JSON`` the
+``BENCHMARK_JSON`` is the ``results.json`` of ``benchmark`` (its defaults table: each bundled default on the bed's
+stock schedule and on its learned one, against every stock ComfyUI sampler), or several, runs of different beds (a
+bed in two is read from the last); ``CALIBRATION_JSON`` the
 ``calibration.json`` of ``calibration_benchmark`` (the artist's case: a file calibrated on one prompt, judged on
 fresh noises of that prompt). For every bed of the benchmark, at 5 and 8 steps, the table shows the RMSE of a
 preview to the 40-step final from the same noise for what users run today (dpmpp_2m on karras for EPS/V models,

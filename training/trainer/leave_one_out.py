@@ -223,10 +223,10 @@ class CellCache:
         self.path = path
         self.cells = json.loads(path.read_text()) if path.is_file() else {}
 
-    def get(self, key: str) -> float | None:
+    def get(self, key: str) -> list[float] | None:
         return self.cells.get(key)
 
-    def put(self, key: str, value: float | None) -> None:
+    def put(self, key: str, value: list[float] | None) -> None:
         self.cells[key] = value
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_suffix(".partial")
@@ -236,7 +236,8 @@ class CellCache:
 
 def judge(name: str, files: list[Path], count: int | None, cache: CellCache, log) -> benchmark.BedResult:
     """The benchmark's judgement of ``files`` on bed ``name`` at ``STEP_COUNTS``: each file on the bed's stock
-    schedule and its learned one, every stock sampler on each (``BedResult.judged``); RMSE and median per cell."""
+    schedule and its learned one, both against every stock sampler on the stock schedule (``BedResult.judged``);
+    RMSE and median per cell."""
     bed = get_testbed(name)
     count = count or benchmark.bed_samples(name, quick=False)
     noise, labels = seeded_batch(bed, held_out_seeds(count))
@@ -250,7 +251,9 @@ def judge(name: str, files: list[Path], count: int | None, cache: CellCache, log
         for row in benchmark.consistency_rows(bed, noise, labels, [path]):
             rows.append((row, row.label.replace(path.stem, content)))
         # On either schedule a file is judged against the stock samplers as users run them, on the family's schedule.
-        result.judged[path.stem] = {name: (benchmark.solver_label(path, role), stock) for name, role in roles.items()}
+        result.judged[path.stem] = {
+            schedule: (benchmark.solver_label(path, role), stock) for schedule, role in roles.items()
+        }
     for row, key in rows:
         result.rows[row.label] = {}
         for steps in STEP_COUNTS:
@@ -469,9 +472,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--output", type=Path, help="where the chosen default goes (default: solver/bundled/default-<family>)"
     )
     parser.add_argument("--samples", type=int, help="held-out noises per bed (default: the benchmark's)")
-    parser.add_argument(
-        "--no-recipe", action="store_true", help="train no recipe: choose among --previous and the --candidate files"
-    )
     return parser.parse_args(argv)
 
 
@@ -484,8 +484,6 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     family = args.family
     recipes = dict(named_recipe(text) for text in args.recipe) if args.recipe else {RECIPE: RECIPES[family]}
-    if args.no_recipe:
-        recipes = {}
     output = args.output or BUNDLED_DIR / f"default-{family}.safetensors"
     work = args.out / family
     work.mkdir(parents=True, exist_ok=True)
@@ -568,7 +566,6 @@ def main(argv: list[str] | None = None) -> None:
     write_choice(chosen, output, record)
     log(f"chose {chosen.name}; wrote {typed(output)}")
 
-    kind = family
     sections = [
         f"## Choosing default-{family}\n",
         f"`{command}`\n",
@@ -578,14 +575,14 @@ def main(argv: list[str] | None = None) -> None:
             "### Each learned bed left out: RMSE to the 40-step final (x the best stock sampler on the stock schedule)",
             names,
             left_out,
-            kind,
+            family,
         ),
         comparison_table(
-            "### Each candidate's own file on every bed (mixtures: information and monotonicity)", names, own, kind
+            "### Each candidate's own file on every bed (mixtures: information and monotonicity)", names, own, family
         ),
         "### The rule's verdict\n\n" + verdict_table(verdicts, sources, chosen.name),
         f"### Issue 21's acceptance for {chosen.name}, each learned bed left out\n\n"
-        + acceptance_table(accepted[chosen.name], kind),
+        + acceptance_table(accepted[chosen.name], family),
     ]
     for other in candidates:
         if other.name != chosen.name:
